@@ -1,0 +1,245 @@
+"""The domain objects of DESIGN.md §2, as frozen values.
+
+Nothing here does I/O. Times are timezone-aware UTC ``datetime`` values; the storage
+adapters must hand them back the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Tier(StrEnum):
+    """A privilege tier. A credential never spans two tiers."""
+
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+
+
+class AgentState(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    QUARANTINED = "quarantined"
+    RETIRED = "retired"
+
+
+class TaskState(StrEnum):
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class ToolKind(StrEnum):
+    HTTP = "http"
+    MCP = "mcp"
+
+
+class Role(StrEnum):
+    APPROVER = "approver"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+
+class Risk(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class KeyState(StrEnum):
+    ACTIVE = "active"
+    RETIRING = "retiring"
+
+
+class KeyPurpose(StrEnum):
+    """What a signing key signs. Each purpose has at most one active key."""
+
+    CREDENTIALS = "credentials"
+    DEV_IDENTITY = "dev_identity"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    id: str
+    contact: str
+    roles: frozenset[Role]
+    created_at: datetime
+    updated_at: datetime
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Scope:
+    """A (tool, tier) pair: one entry of an agent's ceiling, one credential's reach."""
+
+    tool: str
+    tier: Tier
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    spiffe_id: str
+    owner_id: str
+    state: AgentState
+    ceiling: frozenset[Scope]
+    created_at: datetime
+    updated_at: datetime
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One operation of a tool (DESIGN.md §2).
+
+    An HTTP action has ``method`` and ``path`` (a template such as ``/repos/{owner}/{repo}``);
+    an MCP action has ``mcp_tool``.
+    """
+
+    name: str
+    tier: Tier
+    method: str | None = None
+    path: str | None = None
+    mcp_tool: str | None = None
+    risk: Risk = Risk.LOW
+    requires_approval: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A destination agents call through the gateway.
+
+    The upstream secret is not part of this value: it is stored encrypted beside it and
+    only the gateway ever decrypts it (invariant 4).
+    """
+
+    id: str
+    audience: str
+    upstream_url: str
+    kind: ToolKind
+    actions: tuple[Action, ...]
+    created_at: datetime
+    updated_at: datetime
+    upstream_auth_header: str = "Authorization"
+    description: str = ""
+
+    def tiers(self) -> frozenset[Tier]:
+        return frozenset(a.tier for a in self.actions)
+
+    def actions_of(self, tier: Tier) -> tuple[Action, ...]:
+        return tuple(a for a in self.actions if a.tier == tier)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeGrant:
+    """What a task was granted for one (tool, tier): the actions of that tier it may use."""
+
+    tool: str
+    tier: Tier
+    actions: tuple[str, ...]
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.tool, self.tier)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeDenial:
+    """A requested scope that was refused, with a stable code and a reason."""
+
+    tool: str
+    tier: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: str
+    agent_id: str
+    owner_id: str
+    purpose: str
+    constraints: Mapping[str, Any]
+    granted: tuple[ScopeGrant, ...]
+    denied: tuple[ScopeDenial, ...]
+    jkt: str
+    created_at: datetime
+    expires_at: datetime
+    state: TaskState = TaskState.ACTIVE
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+    def state_at(self, now: datetime) -> TaskState:
+        """The state as of ``now``: an active task past its TTL is expired even before the
+        sweeper records it."""
+        if self.state is TaskState.ACTIVE and now >= self.expires_at:
+            return TaskState.EXPIRED
+        return self.state
+
+    def grant_for(self, tool: str, tier: Tier) -> ScopeGrant | None:
+        for g in self.granted:
+            if g.tool == tool and g.tier == tier:
+                return g
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRecord:
+    """The server's record of one issued credential, kept under its task for revocation."""
+
+    jti: str
+    task_id: str
+    agent_id: str
+    tool: str
+    tier: Tier
+    actions: tuple[str, ...]
+    jkt: str
+    kid: str
+    issued_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+    revoke_reason: str | None = None
+    parent_jti: str | None = None
+
+    def live_at(self, now: datetime) -> bool:
+        return self.revoked_at is None and now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A signing key as stored: the private half is encrypted with the KEK."""
+
+    kid: str
+    purpose: KeyPurpose
+    alg: str
+    public_jwk: Mapping[str, str]
+    private_ciphertext: bytes
+    created_at: datetime
+    state: KeyState = KeyState.ACTIVE
+    # For a retiring key: published and trusted until this time, then pruned.
+    retire_after: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """An admin API token, stored only as its SHA-256 hash (hex)."""
+
+    id: str
+    token_hash: str
+    description: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    agent_id: str | None = None
+    owner_id: str | None = None
+    state: TaskState | None = None
+    limit: int = 100
