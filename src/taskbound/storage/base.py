@@ -1,0 +1,177 @@
+"""Storage ports: small Protocols, each with an in-memory twin and SQL implementations.
+
+Every implementation passes the one conformance suite in ``tests/storage/``. Concurrency
+is the database's job (unique constraints, conditional updates inside transactions), never
+a process-local lock, so several server processes can share one PostgreSQL.
+
+Errors: a uniqueness violation raises :class:`taskbound.errors.Conflict`; a reference to a
+missing row (an agent's owner, a task's agent) raises :class:`taskbound.errors.ReferenceError_`;
+updating a missing row raises :class:`taskbound.errors.NotFound`; a lost or failing backend
+raises :class:`taskbound.errors.StorageError`. Nothing is half-written: each method is one
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from taskbound.core.model import (
+    AdminToken,
+    Agent,
+    AgentState,
+    CredentialRecord,
+    KeyPurpose,
+    Owner,
+    SigningKey,
+    Task,
+    TaskFilter,
+    TaskState,
+    Tool,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantInputs:
+    agent: Agent | None
+    owner: Owner | None
+    tools: Mapping[str, Tool]
+
+
+class RegistryStore(Protocol):
+    """Owners, agents and tools (DESIGN.md §2)."""
+
+    async def create_owner(self, owner: Owner) -> None: ...
+    async def update_owner(self, owner: Owner) -> None: ...
+    async def get_owner(self, owner_id: str) -> Owner | None: ...
+    async def list_owners(self) -> list[Owner]: ...
+
+    async def create_agent(self, agent: Agent) -> None:
+        """Raises ReferenceError_ when ``agent.owner_id`` is not a registered owner."""
+        ...
+
+    async def update_agent(self, agent: Agent) -> None: ...
+    async def get_agent(self, spiffe_id: str) -> Agent | None: ...
+    async def list_agents(self, owner_id: str | None = None) -> list[Agent]: ...
+
+    async def set_agent_state(
+        self, spiffe_id: str, state: AgentState, now: datetime
+    ) -> Agent | None:
+        """Set the state (and ``updated_at``); None when the agent does not exist."""
+        ...
+
+    async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None: ...
+
+    async def update_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
+        """``secret_ciphertext=None`` keeps the stored secret unchanged."""
+        ...
+
+    async def get_tool(self, tool_id: str) -> Tool | None: ...
+    async def list_tools(self) -> list[Tool]: ...
+    async def get_tool_secret(self, tool_id: str) -> bytes | None: ...
+
+    async def load_grant_inputs(
+        self, spiffe_id: str, owner_id: str, tool_ids: Sequence[str]
+    ) -> GrantInputs:
+        """The agent, the owner and the named tools (those that exist), read in one
+        transaction: everything a grant decision needs, from one consistent snapshot."""
+        ...
+
+
+class KeyStore(Protocol):
+    """Signing keys. At most one ACTIVE key per purpose, enforced by the database."""
+
+    async def insert_active_key(self, key: SigningKey) -> SigningKey:
+        """Insert ``key`` as the active key of its purpose unless one exists already.
+
+        Returns whichever key is active afterwards (the given one, or the one another
+        process inserted first). Used on first start, so concurrent starts agree on one key.
+        """
+        ...
+
+    async def rotate_key(self, new_key: SigningKey, retire_after: datetime) -> None:
+        """In one transaction: mark the purpose's active key RETIRING with ``retire_after``
+        and make ``new_key`` the active key."""
+        ...
+
+    async def list_keys(self, purpose: KeyPurpose | None = None) -> list[SigningKey]:
+        """All stored keys (active and retiring), newest first."""
+        ...
+
+    async def prune_keys(self, now: datetime) -> int:
+        """Delete retiring keys whose ``retire_after`` has passed; returns how many."""
+        ...
+
+
+class TaskStore(Protocol):
+    """Tasks and the credentials issued for them."""
+
+    async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> None:
+        """Insert the task and its first credentials in one transaction."""
+        ...
+
+    async def get_task(self, task_id: str) -> Task | None: ...
+    async def list_tasks(self, flt: TaskFilter) -> list[Task]: ...
+
+    async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
+        """Record a fresh credential only if its task is ACTIVE and not past ``expires_at``
+        at ``now`` (checked in the same statement/transaction). False when it is not."""
+        ...
+
+    async def get_credential(self, jti: str) -> CredentialRecord | None: ...
+    async def list_credentials(self, task_id: str) -> list[CredentialRecord]: ...
+
+    async def end_task(
+        self, task_id: str, state: TaskState, reason: str, now: datetime
+    ) -> tuple[Task, bool] | None:
+        """End an ACTIVE task: set ``state``/``ended_at``/``end_reason`` and revoke every
+        credential of the task (``revoked_at=now``, ``revoke_reason=reason``), atomically.
+
+        Returns ``(task, changed)``: ``changed`` is False when the task had already ended
+        (it is then returned unchanged). None when no such task exists. ``state`` must not
+        be ACTIVE.
+        """
+        ...
+
+    async def revoke_credential(self, jti: str, reason: str, now: datetime) -> bool:
+        """Revoke one credential; True if it was live and is now revoked."""
+        ...
+
+    async def expire_tasks(self, now: datetime) -> list[str]:
+        """End every ACTIVE task whose ``expires_at`` <= now as EXPIRED (credentials revoked
+        as in ``end_task``). Returns their ids."""
+        ...
+
+
+class AdminTokenStore(Protocol):
+    async def add_admin_token(self, token: AdminToken) -> None: ...
+    async def find_admin_token(self, token_hash: str) -> AdminToken | None: ...
+    async def list_admin_tokens(self) -> list[AdminToken]: ...
+
+
+@runtime_checkable
+class Storage(RegistryStore, KeyStore, TaskStore, AdminTokenStore, Protocol):
+    """Everything the broker stores. One object per process, shared by all requests."""
+
+    async def check(self) -> None:
+        """Health probe: return when the backend answers a trivial query (``SELECT 1``),
+        raise StorageError when it does not."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ReplayCache(Protocol):
+    """Keys seen recently (DPoP proof ``jti``s, RFC 9449 §11.1), each remembered until it
+    expires."""
+
+    async def seen(self, key: str, expires_at: datetime, now: datetime) -> bool:
+        """True if ``key`` was recorded before and has not expired at ``now``; otherwise
+        record it until ``expires_at`` and return False.
+
+        Fails closed: a cache too full of unexpired keys to record a new one answers True,
+        so the caller refuses the proof; a failing backend raises StorageError.
+        """
+        ...

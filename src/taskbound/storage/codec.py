@@ -1,0 +1,360 @@
+"""Rows <-> domain values, shared by the SQL and the in-memory backends.
+
+Both backends go through these functions, so a value read back is built the same way
+whichever stores it: sets come back as frozensets, sequences as tuples, enums as enums,
+times as timezone-aware UTC, and JSON fields as fresh objects that went through JSON (a
+tuple inside ``constraints`` comes back as a list; a value JSON cannot carry, or NaN, is a
+``TypeError``/``ValueError`` on write, before anything is stored). Text holding a NUL
+character is a ``ValueError`` on write everywhere, because PostgreSQL cannot store it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from taskbound.core.model import (
+    Action,
+    AdminToken,
+    Agent,
+    AgentState,
+    CredentialRecord,
+    KeyPurpose,
+    KeyState,
+    Owner,
+    Risk,
+    Role,
+    Scope,
+    ScopeDenial,
+    ScopeGrant,
+    SigningKey,
+    Task,
+    TaskState,
+    Tier,
+    Tool,
+    ToolKind,
+)
+
+Row = dict[str, Any]
+
+# The value of signing_keys.active_slot for the active key of a purpose (see schema.py).
+ACTIVE_SLOT = 1
+
+# The end_reason of tasks ended by ``expire_tasks``, and the revoke_reason of their credentials.
+EXPIRED_REASON = "expired"
+
+
+def utc(when: datetime) -> datetime:
+    """``when`` in UTC; a naive datetime is a ``ValueError``."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("naive datetime: taskbound stores timezone-aware UTC times only")
+    return when.astimezone(UTC)
+
+
+def utc_or_none(when: datetime | None) -> datetime | None:
+    return None if when is None else utc(when)
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON; NaN and infinities are refused (PostgreSQL's JSON cannot hold them)."""
+    return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def load_json(text: str) -> Any:
+    return json.loads(text)
+
+
+def _json(value: Any) -> Any:
+    # The round trip validates the value and detaches it from the caller's objects.
+    return load_json(dump_json(value))
+
+
+def has_nul(*values: str | None) -> bool:
+    """Whether any value holds a NUL character. No backend stores one (PostgreSQL text
+    cannot), so a lookup by such a key finds nothing."""
+    return any(v is not None and "\x00" in v for v in values)
+
+
+def check_text(**fields: str | None) -> None:
+    """``ValueError`` when a text value to be stored holds a NUL character."""
+    for name, value in fields.items():
+        if has_nul(value):
+            raise ValueError(f"{name}: text with a NUL character cannot be stored")
+
+
+def _text_checked(row: Row) -> Row:
+    check_text(**{k: v for k, v in row.items() if isinstance(v, str)})
+    return row
+
+
+# --- owners ------------------------------------------------------------------------------
+
+
+def owner_row(owner: Owner) -> Row:
+    return _text_checked(
+        {
+            "id": owner.id,
+            "contact": owner.contact,
+            "roles": sorted(Role(r).value for r in owner.roles),
+            "disabled": bool(owner.disabled),
+            "created_at": utc(owner.created_at),
+            "updated_at": utc(owner.updated_at),
+        }
+    )
+
+
+def owner_from(row: Mapping[Any, Any]) -> Owner:
+    return Owner(
+        id=row["id"],
+        contact=row["contact"],
+        roles=frozenset(Role(r) for r in row["roles"]),
+        disabled=bool(row["disabled"]),
+        created_at=utc(row["created_at"]),
+        updated_at=utc(row["updated_at"]),
+    )
+
+
+# --- agents ------------------------------------------------------------------------------
+
+
+def agent_row(agent: Agent) -> Row:
+    return _text_checked(
+        {
+            "spiffe_id": agent.spiffe_id,
+            "owner_id": agent.owner_id,
+            "state": AgentState(agent.state).value,
+            "ceiling": [
+                {"tool": s.tool, "tier": Tier(s.tier).value} for s in sorted(agent.ceiling)
+            ],
+            "description": agent.description,
+            "created_at": utc(agent.created_at),
+            "updated_at": utc(agent.updated_at),
+        }
+    )
+
+
+def agent_from(row: Mapping[Any, Any]) -> Agent:
+    return Agent(
+        spiffe_id=row["spiffe_id"],
+        owner_id=row["owner_id"],
+        state=AgentState(row["state"]),
+        ceiling=frozenset(Scope(s["tool"], Tier(s["tier"])) for s in row["ceiling"]),
+        description=row["description"],
+        created_at=utc(row["created_at"]),
+        updated_at=utc(row["updated_at"]),
+    )
+
+
+# --- tools -------------------------------------------------------------------------------
+
+
+def _action_json(action: Action) -> dict[str, Any]:
+    return {
+        "name": action.name,
+        "tier": Tier(action.tier).value,
+        "method": action.method,
+        "path": action.path,
+        "mcp_tool": action.mcp_tool,
+        "risk": Risk(action.risk).value,
+        "requires_approval": bool(action.requires_approval),
+    }
+
+
+def _action_from(data: Mapping[str, Any]) -> Action:
+    return Action(
+        name=data["name"],
+        tier=Tier(data["tier"]),
+        method=data["method"],
+        path=data["path"],
+        mcp_tool=data["mcp_tool"],
+        risk=Risk(data["risk"]),
+        requires_approval=bool(data["requires_approval"]),
+    )
+
+
+def tool_row(tool: Tool) -> Row:
+    """The tool's columns, without ``secret_ciphertext`` (stored and updated on its own)."""
+    return _text_checked(
+        {
+            "id": tool.id,
+            "audience": tool.audience,
+            "upstream_url": tool.upstream_url,
+            "kind": ToolKind(tool.kind).value,
+            "actions": [_action_json(a) for a in tool.actions],
+            "upstream_auth_header": tool.upstream_auth_header,
+            "description": tool.description,
+            "created_at": utc(tool.created_at),
+            "updated_at": utc(tool.updated_at),
+        }
+    )
+
+
+def tool_from(row: Mapping[Any, Any]) -> Tool:
+    return Tool(
+        id=row["id"],
+        audience=row["audience"],
+        upstream_url=row["upstream_url"],
+        kind=ToolKind(row["kind"]),
+        actions=tuple(_action_from(a) for a in row["actions"]),
+        upstream_auth_header=row["upstream_auth_header"],
+        description=row["description"],
+        created_at=utc(row["created_at"]),
+        updated_at=utc(row["updated_at"]),
+    )
+
+
+# --- tasks and credentials ---------------------------------------------------------------
+
+
+def task_row(task: Task) -> Row:
+    return _text_checked(
+        {
+            "id": task.id,
+            "agent_id": task.agent_id,
+            "owner_id": task.owner_id,
+            "purpose": task.purpose,
+            "constraints": _json(dict(task.constraints)),
+            "granted": [
+                {"tool": g.tool, "tier": Tier(g.tier).value, "actions": list(g.actions)}
+                for g in task.granted
+            ],
+            "denied": [
+                {"tool": d.tool, "tier": d.tier, "code": d.code, "reason": d.reason}
+                for d in task.denied
+            ],
+            "jkt": task.jkt,
+            "state": TaskState(task.state).value,
+            "created_at": utc(task.created_at),
+            "expires_at": utc(task.expires_at),
+            "ended_at": utc_or_none(task.ended_at),
+            "end_reason": task.end_reason,
+        }
+    )
+
+
+def task_from(row: Mapping[Any, Any]) -> Task:
+    return Task(
+        id=row["id"],
+        agent_id=row["agent_id"],
+        owner_id=row["owner_id"],
+        purpose=row["purpose"],
+        constraints=row["constraints"],
+        granted=tuple(
+            ScopeGrant(g["tool"], Tier(g["tier"]), tuple(g["actions"])) for g in row["granted"]
+        ),
+        denied=tuple(
+            ScopeDenial(d["tool"], d["tier"], d["code"], d["reason"]) for d in row["denied"]
+        ),
+        jkt=row["jkt"],
+        state=TaskState(row["state"]),
+        created_at=utc(row["created_at"]),
+        expires_at=utc(row["expires_at"]),
+        ended_at=utc_or_none(row["ended_at"]),
+        end_reason=row["end_reason"],
+    )
+
+
+def credential_row(cred: CredentialRecord) -> Row:
+    return _text_checked(
+        {
+            "jti": cred.jti,
+            "task_id": cred.task_id,
+            "agent_id": cred.agent_id,
+            "tool": cred.tool,
+            "tier": Tier(cred.tier).value,
+            "actions": list(cred.actions),
+            "jkt": cred.jkt,
+            "kid": cred.kid,
+            "issued_at": utc(cred.issued_at),
+            "expires_at": utc(cred.expires_at),
+            "revoked_at": utc_or_none(cred.revoked_at),
+            "revoke_reason": cred.revoke_reason,
+            "parent_jti": cred.parent_jti,
+        }
+    )
+
+
+def credential_from(row: Mapping[Any, Any]) -> CredentialRecord:
+    return CredentialRecord(
+        jti=row["jti"],
+        task_id=row["task_id"],
+        agent_id=row["agent_id"],
+        tool=row["tool"],
+        tier=Tier(row["tier"]),
+        actions=tuple(row["actions"]),
+        jkt=row["jkt"],
+        kid=row["kid"],
+        issued_at=utc(row["issued_at"]),
+        expires_at=utc(row["expires_at"]),
+        revoked_at=utc_or_none(row["revoked_at"]),
+        revoke_reason=row["revoke_reason"],
+        parent_jti=row["parent_jti"],
+    )
+
+
+# --- signing keys ------------------------------------------------------------------------
+
+
+def key_row(key: SigningKey) -> Row:
+    state = KeyState(key.state)
+    return _text_checked(
+        {
+            "kid": key.kid,
+            "purpose": KeyPurpose(key.purpose).value,
+            "alg": key.alg,
+            "public_jwk": _json(dict(key.public_jwk)),
+            "private_ciphertext": bytes(key.private_ciphertext),
+            "state": state.value,
+            "created_at": utc(key.created_at),
+            "retire_after": utc_or_none(key.retire_after),
+            "active_slot": ACTIVE_SLOT if state is KeyState.ACTIVE else None,
+        }
+    )
+
+
+def new_active_key_row(key: SigningKey) -> Row:
+    """The row of ``key`` as its purpose's new active key; a key that says otherwise is a
+    ``ValueError``."""
+    if key.state is not KeyState.ACTIVE or key.retire_after is not None:
+        raise ValueError("a new signing key must be ACTIVE without retire_after")
+    return key_row(key)
+
+
+def key_from(row: Mapping[Any, Any]) -> SigningKey:
+    return SigningKey(
+        kid=row["kid"],
+        purpose=KeyPurpose(row["purpose"]),
+        alg=row["alg"],
+        public_jwk=row["public_jwk"],
+        private_ciphertext=bytes(row["private_ciphertext"]),
+        state=KeyState(row["state"]),
+        created_at=utc(row["created_at"]),
+        retire_after=utc_or_none(row["retire_after"]),
+    )
+
+
+# --- admin tokens ------------------------------------------------------------------------
+
+
+def admin_token_row(token: AdminToken) -> Row:
+    return _text_checked(
+        {
+            "id": token.id,
+            "token_hash": token.token_hash,
+            "description": token.description,
+            "created_at": utc(token.created_at),
+            "revoked_at": utc_or_none(token.revoked_at),
+        }
+    )
+
+
+def admin_token_from(row: Mapping[Any, Any]) -> AdminToken:
+    return AdminToken(
+        id=row["id"],
+        token_hash=row["token_hash"],
+        description=row["description"],
+        created_at=utc(row["created_at"]),
+        revoked_at=utc_or_none(row["revoked_at"]),
+    )

@@ -1,0 +1,121 @@
+"""Backends for the storage conformance suite: memory, SQLite and PostgreSQL.
+
+Every test that takes ``backend`` (or ``storage``) runs once per backend. SQLite gets a new
+migrated file per test. PostgreSQL gets one schema per session on the shared database
+(``search_path`` set through the connection's ``options``, so the tables and Alembic's
+version table land there), emptied before each test and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from taskbound.storage import SqlStorage, Storage, open_storage
+from taskbound.storage.schema import metadata
+from tests.services import postgres_conninfo, postgres_url
+
+BACKENDS = [
+    pytest.param("memory"),
+    pytest.param("sqlite"),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
+
+
+@dataclass
+class Backend:
+    """One backend under test and the storage opened on it."""
+
+    name: str
+    url: str | None
+    storage: Storage
+    _extra: list[SqlStorage] = field(default_factory=list)
+
+    @property
+    def is_sql(self) -> bool:
+        return self.url is not None
+
+    def another(self) -> Storage:
+        """A second handle on the same data, as another process would hold it: for SQL a
+        new :class:`SqlStorage` with its own engine and connections; for memory, which no
+        other process can share, the same object."""
+        if self.url is None:
+            return self.storage
+        extra = SqlStorage.from_url(self.url)
+        self._extra.append(extra)
+        return extra
+
+    async def close(self) -> None:
+        for extra in self._extra:
+            await extra.close()
+        await self.storage.close()
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` with every connection's ``search_path`` set to ``schema``."""
+    return (
+        make_url(url)
+        .update_query_dict({"options": f"-csearch_path={schema}"})
+        .render_as_string(hide_password=False)
+    )
+
+
+@contextmanager
+def postgres_schema(base_url: str) -> Iterator[str]:
+    """A new empty schema on the test server, dropped afterwards; yields a URL that uses it."""
+    name = f"tb_{secrets.token_hex(6)}"
+    conninfo = postgres_conninfo(base_url)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield with_search_path(base_url, name)
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def postgres_session_url() -> Iterator[str]:
+    """The URL of this session's PostgreSQL schema (skips or fails without PostgreSQL)."""
+    with postgres_schema(postgres_url()) as url:
+        yield url
+
+
+def _empty_postgres_tables(url: str) -> None:
+    tables = sql.SQL(", ").join(sql.Identifier(t.name) for t in metadata.sorted_tables)
+    with psycopg.connect(postgres_conninfo(url), autocommit=True) as conn:
+        conn.execute(sql.SQL("TRUNCATE {}").format(tables))
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    name: str = request.param
+    url: str | None
+    if name == "memory":
+        url = None
+        storage = await open_storage("memory://")
+    elif name == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'taskbound.db'}"
+        storage = await open_storage(url)
+    else:
+        url = request.getfixturevalue("postgres_session_url")
+        storage = await open_storage(url)
+        _empty_postgres_tables(url)
+    b = Backend(name, url, storage)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+def storage(backend: Backend) -> Storage:
+    return backend.storage
