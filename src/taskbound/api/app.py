@@ -1,0 +1,631 @@
+"""The broker's ASGI application (DESIGN.md §9): agent endpoints, OAuth endpoints, the
+admin API and operational endpoints. Handlers only adapt HTTP to the services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Annotated, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from taskbound.api.http import (
+    LimitsMiddleware,
+    bearer,
+    json_response,
+    log_refusal,
+    oauth_error,
+    problem,
+    read_form,
+    read_json,
+)
+from taskbound.config import Settings
+from taskbound.core.clock import to_epoch
+from taskbound.core.grant import ScopeRequest
+from taskbound.core.identity import mint_jwt_svid, parse_spiffe_id
+from taskbound.core.model import CredentialRecord, KeyPurpose, Task, TaskFilter, TaskState, Tier
+from taskbound.errors import (
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    StorageError,
+    TaskboundError,
+)
+from taskbound.service.admin import authenticate_admin
+from taskbound.service.broker import AgentCaller, IssuedCredential, StartTaskRequest, new_id
+from taskbound.service.registry import (
+    AgentSpec,
+    OwnerSpec,
+    RegistryDocument,
+    ToolSpec,
+    agent_view,
+    owner_view,
+    tool_view,
+)
+from taskbound.service.runtime import Services, open_services
+
+log = logging.getLogger("taskbound.api")
+
+# --- request bodies ----------------------------------------------------------------------
+
+ConstraintValue = str | int | bool | list[str]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntentBody(_Body):
+    purpose: str = Field(min_length=1, max_length=1000)
+    constraints: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], ConstraintValue
+    ] = Field(default_factory=dict, max_length=32)
+
+
+class ScopeBody(_Body):
+    tool: str = Field(min_length=1, max_length=64)
+    tier: Tier
+    actions: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=256)
+
+
+class StartTaskBody(_Body):
+    intent: IntentBody
+    on_behalf_of: str = Field(min_length=1, max_length=64)
+    scopes: list[ScopeBody] = Field(min_length=1, max_length=32)
+    ttl_seconds: int = Field(ge=10)
+
+
+class CredentialBody(_Body):
+    tool: str = Field(min_length=1, max_length=64)
+    tier: Tier
+
+
+class EndTaskBody(_Body):
+    reason: str = Field("", max_length=500)
+
+
+class AgentStateBody(_Body):
+    state: str
+
+
+class MintIdentityBody(_Body):
+    spiffe_id: str = Field(max_length=2048)
+    ttl_seconds: int = Field(300, ge=10, le=3600)
+    audience: str | None = Field(None, max_length=1024)
+
+
+# --- presentation ------------------------------------------------------------------------
+
+
+def task_view(task: Task, now: Any) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "state": task.state_at(now).value,
+        "agent": task.agent_id,
+        "on_behalf_of": task.owner_id,
+        "intent": {"purpose": task.purpose, "constraints": dict(task.constraints)},
+        "created_at": task.created_at.isoformat(),
+        "expires_at": task.expires_at.isoformat(),
+        "ended_at": task.ended_at.isoformat() if task.ended_at else None,
+        "end_reason": task.end_reason,
+        "granted": [
+            {"tool": g.tool, "tier": g.tier.value, "actions": list(g.actions)} for g in task.granted
+        ],
+        "denied": [
+            {"tool": d.tool, "tier": d.tier, "code": d.code, "reason": d.reason}
+            for d in task.denied
+        ],
+    }
+
+
+def credential_view(c: IssuedCredential) -> dict[str, Any]:
+    return {
+        "access_token": c.access_token,
+        "token_type": "DPoP",
+        "expires_in": c.expires_in,
+        "tool": c.record.tool,
+        "tier": c.record.tier.value,
+        "scope": c.scope,
+        "actions": list(c.record.actions),
+        "jti": c.record.jti,
+    }
+
+
+def credential_record_view(c: CredentialRecord) -> dict[str, Any]:
+    return {
+        "jti": c.jti,
+        "tool": c.tool,
+        "tier": c.tier.value,
+        "actions": list(c.actions),
+        "kid": c.kid,
+        "issued_at": c.issued_at.isoformat(),
+        "expires_at": c.expires_at.isoformat(),
+        "revoked_at": c.revoked_at.isoformat() if c.revoked_at else None,
+        "revoke_reason": c.revoke_reason,
+    }
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "taskbound_http_requests_total",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "taskbound_http_request_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "taskbound_refusals_total", "Refused requests by code", ["code"], registry=self.registry
+        )
+        self.tasks_started = Counter(
+            "taskbound_tasks_started_total", "Tasks started", registry=self.registry
+        )
+        self.credentials_issued = Counter(
+            "taskbound_credentials_issued_total", "Credentials issued", registry=self.registry
+        )
+        self.tasks_ended = Counter(
+            "taskbound_tasks_ended_total", "Tasks ended by state", ["state"], registry=self.registry
+        )
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    services: Services | None = None,
+    sweep: bool = True,
+) -> Starlette:
+    """The ASGI app. Services are opened in the lifespan unless given (tests)."""
+    metrics = Metrics()
+    state: dict[str, Services] = {} if services is None else {"services": services}
+
+    def svc() -> Services:
+        return state["services"]
+
+    def route(path: str, *, methods: list[str], oauth: bool = False) -> Callable[[Handler], Route]:
+        def wrap(fn: Handler) -> Route:
+            async def endpoint(request: Request) -> Response:
+                started = time.perf_counter()
+                try:
+                    response = await fn(request)
+                except TaskboundError as err:
+                    log_refusal(request, err)
+                    metrics.refusals.labels(err.code).inc()
+                    response = oauth_error(err) if oauth else problem(err)
+                except Exception as exc:
+                    log.exception("unhandled error", extra={"path": request.url.path})
+                    err2: TaskboundError = (
+                        StorageError() if "sqlalchemy" in type(exc).__module__ else TaskboundError()
+                    )
+                    metrics.refusals.labels(err2.code).inc()
+                    response = oauth_error(err2) if oauth else problem(err2)
+                metrics.requests.labels(path, str(response.status_code)).inc()
+                metrics.latency.labels(path).observe(time.perf_counter() - started)
+                return response
+
+            return Route(path, endpoint, methods=methods)
+
+        return wrap
+
+    async def admin(request: Request) -> None:
+        await authenticate_admin(svc().storage, bearer(request))
+
+    async def agent_caller(request: Request) -> AgentCaller:
+        return await svc().broker.authenticate_agent(
+            identity_token=bearer(request),
+            dpop_headers=request.headers.getlist("dpop"),
+            method=request.method,
+            path=request.url.path,
+        )
+
+    # --- discovery and keys ------------------------------------------------------------
+
+    @route("/.well-known/oauth-authorization-server", methods=["GET"])
+    async def metadata(request: Request) -> Response:
+        base = settings.public_url
+        return json_response(
+            {
+                "issuer": settings.issuer,
+                "jwks_uri": f"{base}/.well-known/jwks.json",
+                "introspection_endpoint": f"{base}/oauth/introspect",
+                "introspection_endpoint_auth_methods_supported": ["bearer"],
+                "revocation_endpoint": f"{base}/oauth/revoke",
+                "revocation_endpoint_auth_methods_supported": ["none"],
+                "dpop_signing_alg_values_supported": list(settings.dpop.algorithms),
+                "authorization_details_types_supported": ["taskbound_tool"],
+                "scopes_supported": [],
+                "grant_types_supported": [],
+                "response_types_supported": [],
+                "taskbound_task_endpoint": f"{base}/v1/tasks",
+            }
+        )
+
+    @route("/.well-known/jwks.json", methods=["GET"])
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(
+            svc().keys.jwks(KeyPurpose.CREDENTIALS),
+            headers={"Cache-Control": "public, max-age=60"},
+        )
+
+    # --- agents: tasks and credentials -------------------------------------------------
+
+    @route("/v1/tasks", methods=["POST"])
+    async def start_task(request: Request) -> Response:
+        caller = await agent_caller(request)
+        body = await read_json(request, StartTaskBody)
+        started = await svc().broker.start_task(
+            caller,
+            StartTaskRequest(
+                purpose=body.intent.purpose,
+                constraints=body.intent.constraints,
+                on_behalf_of=body.on_behalf_of,
+                scopes=_scopes(body.scopes),
+                ttl_seconds=body.ttl_seconds,
+            ),
+        )
+        metrics.tasks_started.inc()
+        metrics.credentials_issued.inc(len(started.credentials))
+        out = task_view(started.task, svc().clock.now())
+        out["credentials"] = [credential_view(c) for c in started.credentials]
+        return json_response(out, 201, no_store=True)
+
+    @route("/v1/tasks/{task_id}/credentials", methods=["POST"])
+    async def fresh_credential(request: Request) -> Response:
+        caller = await agent_caller(request)
+        body = await read_json(request, CredentialBody)
+        issued = await svc().broker.issue_credential(
+            caller, request.path_params["task_id"], body.tool, body.tier
+        )
+        metrics.credentials_issued.inc()
+        return json_response(credential_view(issued), 201, no_store=True)
+
+    async def task_caller_or_admin(request: Request) -> Task:
+        """The task for its own agent (identity + DPoP of the task's key) or an admin."""
+        task_id = request.path_params["task_id"]
+        token = bearer(request)
+        if token is not None and token.startswith("tbat_"):
+            await admin(request)
+            return await svc().broker.get_task(task_id)
+        caller = await agent_caller(request)
+        return await svc().broker.task_for_agent(caller, task_id)
+
+    @route("/v1/tasks/{task_id}", methods=["GET"])
+    async def get_task(request: Request) -> Response:
+        task = await task_caller_or_admin(request)
+        return json_response(task_view(task, svc().clock.now()), no_store=True)
+
+    def ender(state: TaskState) -> Handler:
+        async def end(request: Request) -> Response:
+            task = await task_caller_or_admin(request)
+            reason = "ended by the agent"
+            if await request.body():
+                reason = (await read_json(request, EndTaskBody)).reason or reason
+            ended, changed = await svc().broker.end_task(task.id, state, reason)
+            if changed:
+                metrics.tasks_ended.labels(state.value).inc()
+            out = task_view(ended, svc().clock.now())
+            out["changed"] = changed
+            return json_response(out, no_store=True)
+
+        return end
+
+    complete = route("/v1/tasks/{task_id}/complete", methods=["POST"])(ender(TaskState.COMPLETED))
+    cancel = route("/v1/tasks/{task_id}/cancel", methods=["POST"])(ender(TaskState.CANCELLED))
+
+    # --- OAuth: RFC 7662 introspection, RFC 7009 revocation ------------------------------
+
+    @route("/oauth/introspect", methods=["POST"], oauth=True)
+    async def introspect(request: Request) -> Response:
+        await admin(request)
+        form = await read_form(request)
+        token = form.get("token")
+        if not token:
+            raise InvalidRequest("the token parameter is required")
+        return json_response(await svc().broker.introspect(token), no_store=True)
+
+    @route("/oauth/revoke", methods=["POST"], oauth=True)
+    async def revoke(request: Request) -> Response:
+        form = await read_form(request)
+        token = form.get("token")
+        if not token:
+            raise InvalidRequest("the token parameter is required")
+        await svc().broker.revoke_token(token, "revoked via RFC 7009 endpoint")
+        return Response(status_code=200, headers={"Cache-Control": "no-store"})
+
+    # --- admin API ---------------------------------------------------------------------
+
+    @route("/v1/admin/owners", methods=["GET", "POST"])
+    async def owners(request: Request) -> Response:
+        await admin(request)
+        if request.method == "POST":
+            owner = await svc().registry.create_owner(await read_json(request, OwnerSpec))
+            return json_response(owner_view(owner), 201)
+        return json_response({"owners": [owner_view(o) for o in await svc().storage.list_owners()]})
+
+    @route("/v1/admin/owners/{owner_id}", methods=["GET", "PUT"])
+    async def owner(request: Request) -> Response:
+        await admin(request)
+        owner_id = request.path_params["owner_id"]
+        if request.method == "PUT":
+            spec = await read_json(request, OwnerSpec)
+            if spec.id != owner_id:
+                raise InvalidRequest("the body's id does not match the path")
+            return json_response(owner_view(await svc().registry.update_owner(spec)))
+        found = await svc().storage.get_owner(owner_id)
+        if found is None:
+            raise NotFound(f"no owner {owner_id!r}")
+        return json_response(owner_view(found))
+
+    @route("/v1/admin/tools", methods=["GET", "POST"])
+    async def tools(request: Request) -> Response:
+        await admin(request)
+        reg = svc().registry
+        if request.method == "POST":
+            tool = await reg.create_tool(await read_json(request, ToolSpec))
+            return json_response(tool_view(tool, has_secret=await reg.has_secret(tool.id)), 201)
+        listed = [
+            tool_view(t, has_secret=await reg.has_secret(t.id))
+            for t in await svc().storage.list_tools()
+        ]
+        return json_response({"tools": listed})
+
+    @route("/v1/admin/tools/{tool_id}", methods=["GET", "PUT"])
+    async def tool(request: Request) -> Response:
+        await admin(request)
+        reg = svc().registry
+        tool_id = request.path_params["tool_id"]
+        if request.method == "PUT":
+            spec = await read_json(request, ToolSpec)
+            if spec.id != tool_id:
+                raise InvalidRequest("the body's id does not match the path")
+            updated = await reg.update_tool(spec)
+            return json_response(tool_view(updated, has_secret=await reg.has_secret(tool_id)))
+        found = await svc().storage.get_tool(tool_id)
+        if found is None:
+            raise NotFound(f"no tool {tool_id!r}")
+        return json_response(tool_view(found, has_secret=await reg.has_secret(tool_id)))
+
+    @route("/v1/admin/agents", methods=["GET", "POST"])
+    async def agents(request: Request) -> Response:
+        await admin(request)
+        if request.method == "POST":
+            agent = await svc().registry.create_agent(await read_json(request, AgentSpec))
+            return json_response(agent_view(agent), 201)
+        owner_id = request.query_params.get("owner")
+        return json_response(
+            {"agents": [agent_view(a) for a in await svc().storage.list_agents(owner_id)]}
+        )
+
+    @route("/v1/admin/agents/{spiffe_id:path}", methods=["GET", "PUT"])
+    async def agent(request: Request) -> Response:
+        await admin(request)
+        spiffe_id = request.path_params["spiffe_id"]
+        if request.method == "PUT":
+            spec = await read_json(request, AgentSpec)
+            if spec.spiffe_id != spiffe_id:
+                raise InvalidRequest("the body's spiffe_id does not match the path")
+            return json_response(agent_view(await svc().registry.update_agent(spec)))
+        found = await svc().storage.get_agent(spiffe_id)
+        if found is None:
+            raise NotFound("no such agent")
+        return json_response(agent_view(found))
+
+    @route("/v1/admin/apply", methods=["POST"])
+    async def apply(request: Request) -> Response:
+        await admin(request)
+        doc = await read_json(request, RegistryDocument)
+        dry_run = request.query_params.get("dry_run") in ("1", "true")
+        result = await svc().registry.apply(doc, dry_run=dry_run)
+        return json_response(
+            {
+                "dry_run": dry_run,
+                "created": list(result.created),
+                "updated": list(result.updated),
+                "unchanged": list(result.unchanged),
+            }
+        )
+
+    @route("/v1/admin/tasks", methods=["GET"])
+    async def list_tasks(request: Request) -> Response:
+        await admin(request)
+        q = request.query_params
+        try:
+            flt = TaskFilter(
+                agent_id=q.get("agent"),
+                owner_id=q.get("owner"),
+                state=TaskState(q["state"]) if "state" in q else None,
+                limit=min(int(q.get("limit", "100")), 1000),
+            )
+        except ValueError:
+            raise InvalidRequest("bad filter: state must be a task state, limit a number") from None
+        now = svc().clock.now()
+        return json_response(
+            {"tasks": [task_view(t, now) for t in await svc().storage.list_tasks(flt)]}
+        )
+
+    @route("/v1/admin/tasks/{task_id}/credentials", methods=["GET"])
+    async def task_credentials(request: Request) -> Response:
+        await admin(request)
+        task = await svc().broker.get_task(request.path_params["task_id"])
+        creds = await svc().broker.credentials_of(task.id)
+        return json_response({"credentials": [credential_record_view(c) for c in creds]})
+
+    @route("/v1/admin/tasks/{task_id}/revoke", methods=["POST"])
+    async def revoke_task(request: Request) -> Response:
+        await admin(request)
+        reason = "revoked by an admin"
+        if await request.body():
+            reason = (await read_json(request, EndTaskBody)).reason or reason
+        ended, changed = await svc().broker.end_task(
+            request.path_params["task_id"], TaskState.REVOKED, reason
+        )
+        if changed:
+            metrics.tasks_ended.labels("revoked").inc()
+        out = task_view(ended, svc().clock.now())
+        out["changed"] = changed
+        return json_response(out)
+
+    @route("/v1/admin/keys", methods=["GET"])
+    async def keys(request: Request) -> Response:
+        await admin(request)
+        return json_response(
+            {
+                "keys": [
+                    {
+                        "kid": k.kid,
+                        "purpose": k.purpose.value,
+                        "alg": k.alg,
+                        "state": k.state.value,
+                        "created_at": k.created_at.isoformat(),
+                        "retire_after": k.retire_after.isoformat() if k.retire_after else None,
+                    }
+                    for k in await svc().keys.list()
+                ]
+            }
+        )
+
+    @route("/v1/admin/keys/rotate", methods=["POST"])
+    async def rotate(request: Request) -> Response:
+        await admin(request)
+        purpose = KeyPurpose(request.query_params.get("purpose", "credentials"))
+        new = await svc().keys.rotate(purpose)
+        return json_response({"kid": new.kid, "alg": new.alg, "purpose": new.purpose.value}, 201)
+
+    @route("/v1/admin/dev/identity", methods=["POST"])
+    async def mint_identity(request: Request) -> Response:
+        """The development issuer (dev mode only): a JWT-SVID for a SPIFFE ID of the dev
+        trust domain."""
+        await admin(request)
+        if not settings.identity.dev_issuer:
+            raise NotFound("the development identity issuer is off")
+        body = await read_json(request, MintIdentityBody)
+        try:
+            sid = parse_spiffe_id(body.spiffe_id)
+        except ValueError as exc:
+            raise InvalidRequest(f"spiffe_id: {exc}") from None
+        if sid.trust_domain != settings.identity.dev_trust_domain:
+            raise Forbidden(
+                f"the development issuer only mints IDs of {settings.identity.dev_trust_domain}"
+            )
+        now = svc().clock.now()
+        token = mint_jwt_svid(
+            svc().keys.signer(KeyPurpose.DEV_IDENTITY),
+            spiffe_id=str(sid),
+            audience=body.audience or settings.identity_audience,
+            now=now,
+            ttl=timedelta(seconds=body.ttl_seconds),
+            jti=new_id("svid"),
+        )
+        return json_response(
+            {"token": token, "expires_at": to_epoch(now) + body.ttl_seconds}, 201, no_store=True
+        )
+
+    # --- operations --------------------------------------------------------------------
+
+    @route("/healthz", methods=["GET"])
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    @route("/readyz", methods=["GET"])
+    async def readyz(request: Request) -> Response:
+        await svc().storage.check()
+        return json_response({"status": "ready"})
+
+    @route("/metrics", methods=["GET"])
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        metadata, jwks, start_task, fresh_credential, get_task, complete, cancel,
+        introspect, revoke, owners, owner, tools, tool, agents, agent, apply, list_tasks,
+        task_credentials, revoke_task, keys, rotate, mint_identity, healthz, readyz,
+        metrics_endpoint,
+    ]  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        own = services is None
+        state["services"] = services or await open_services(settings)
+        sweeper = asyncio.create_task(_sweep_forever(state["services"])) if sweep else None
+        log.info("taskbound ready", extra={"url": settings.public_url})
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+            if own:
+                await state["services"].aclose()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return problem(NotFound())
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        from taskbound.errors import MethodNotAllowed
+
+        return problem(MethodNotAllowed())
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[
+            Middleware(
+                LimitsMiddleware,
+                max_body=settings.server.max_body_bytes,
+                max_headers=settings.server.max_header_bytes,
+            )
+        ],
+        exception_handlers={404: not_found, 405: not_allowed},
+    )
+
+
+def _scopes(bodies: list[ScopeBody]) -> tuple[ScopeRequest, ...]:
+    seen: set[tuple[str, Tier]] = set()
+    out = []
+    for s in bodies:
+        if (s.tool, s.tier) in seen:
+            raise InvalidRequest(f"scope {s.tool}:{s.tier.value} is requested twice")
+        seen.add((s.tool, s.tier))
+        out.append(
+            ScopeRequest(s.tool, s.tier, tuple(s.actions) if s.actions is not None else None)
+        )
+    return tuple(out)
+
+
+async def _sweep_forever(services: Services) -> None:
+    interval = services.settings.server.sweep_interval_seconds
+    while True:
+        try:
+            await services.broker.sweep()
+            await services.keys.reload()
+        except Exception:
+            log.exception("sweep failed; retrying")
+        await asyncio.sleep(interval)

@@ -1,0 +1,270 @@
+"""The demo scenario: a task granted, used and ended, against a live server over HTTP.
+
+Everything goes through the public HTTP API, exactly as an agent and an operator would use
+it; only the bootstrap admin token is made directly in the database, as
+`taskbound admin init` does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+
+from taskbound.core.dpop import make_dpop_proof
+from taskbound.core.keys import PrivateKey, generate_key
+from taskbound.service.admin import create_admin_token
+from taskbound.service.runtime import Services
+
+AGENT = "spiffe://taskbound.local/agents/triage-bot"
+
+
+def _claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
+
+
+class _Agent:
+    """What an agent process holds: its identity token and an in-memory DPoP key."""
+
+    def __init__(self, base: str, http: httpx.AsyncClient, identity: str) -> None:
+        self.base = base
+        self.http = http
+        self.identity = identity
+        self.key: PrivateKey = generate_key("EdDSA")
+
+    def proof(self, method: str, path: str) -> str:
+        return make_dpop_proof(
+            self.key,
+            method=method,
+            url=self.base + path,
+            now=datetime.now(UTC),
+            jti=secrets.token_urlsafe(16),
+        )
+
+    async def call(
+        self, method: str, path: str, *, proof: str | None = None, **kw: Any
+    ) -> httpx.Response:
+        headers = {
+            "Authorization": f"Bearer {self.identity}",
+            "DPoP": proof or self.proof(method, path),
+        }
+        return await self.http.request(method, path, headers=headers, **kw)
+
+
+class DemoFailed(Exception):
+    pass
+
+
+async def run_demo(base: str, services: Services, console: Console | None = None) -> bool:
+    """Run the scenario; True when every step behaved as it must."""
+    con = console or Console()
+    try:
+        return await _scenario(base, services, con)
+    except (DemoFailed, httpx.HTTPError, KeyError, ValueError) as exc:
+        con.print(f"[bold red]demo failed:[/] {exc}")
+        return False
+
+
+async def _scenario(base: str, services: Services, con: Console) -> bool:
+    step = 0
+
+    def say(title: str) -> None:
+        nonlocal step
+        step += 1
+        con.print(f"\n[bold cyan]{step}. {title}[/]")
+
+    def ok(text: str) -> None:
+        con.print(f"   [green]✓[/] {text}")
+
+    def bad(text: str) -> None:
+        con.print(f"   [bold red]✗ {text}[/]")
+
+    con.print(Panel.fit(f"[bold]taskbound demo[/] against {base}", border_style="cyan"))
+    admin_token = (await create_admin_token(services.storage, services.clock, "demo")).token
+    async with httpx.AsyncClient(base_url=base, timeout=10.0) as http:
+        admin = {"Authorization": f"Bearer {admin_token}"}
+
+        say("An admin registers an owner, two tools and an agent (taskbound apply)")
+        doc = {
+            "owners": [{"id": "alice", "contact": "alice@example.com", "roles": ["approver"]}],
+            "tools": [
+                {
+                    "id": "issues",
+                    "audience": f"{base}/issues",
+                    "upstream_url": "https://issues.example.com/api",
+                    "kind": "http",
+                    "upstream_secret": "demo-upstream-secret-the-agent-never-sees",
+                    "actions": [
+                        {
+                            "name": "list_issues",
+                            "tier": "read",
+                            "method": "GET",
+                            "path": "/repos/{owner}/{repo}/issues",
+                        },
+                        {
+                            "name": "comment",
+                            "tier": "write",
+                            "method": "POST",
+                            "path": "/repos/{owner}/{repo}/issues/{n}/comments",
+                        },
+                        {
+                            "name": "delete_repo",
+                            "tier": "admin",
+                            "method": "DELETE",
+                            "path": "/repos/{owner}/{repo}",
+                            "risk": "high",
+                            "requires_approval": True,
+                        },
+                    ],
+                },
+                {
+                    "id": "deploy",
+                    "audience": f"{base}/deploy",
+                    "upstream_url": "https://deploy.example.com/api",
+                    "kind": "http",
+                    "actions": [
+                        {"name": "release", "tier": "admin", "method": "POST", "path": "/releases"}
+                    ],
+                },
+            ],
+            "agents": [
+                {
+                    "spiffe_id": AGENT,
+                    "owner": "alice",
+                    "ceiling": [
+                        {"tool": "issues", "tier": "read"},
+                        {"tool": "issues", "tier": "write"},
+                    ],
+                    "description": "triages bug reports",
+                }
+            ],
+        }
+        r = await http.post("/v1/admin/apply", json=doc, headers=admin)
+        if r.status_code != 200:
+            bad(f"apply failed: {r.text}")
+            return False
+        res = r.json()
+        ok(f"created {', '.join(res['created']) or 'nothing'}; unchanged {len(res['unchanged'])}")
+        ok(f"agent {AGENT} may ever request only issues:read and issues:write")
+
+        say("The agent proves what it is: a JWT-SVID from the development issuer")
+        r = await http.post("/v1/admin/dev/identity", json={"spiffe_id": AGENT}, headers=admin)
+        agent = _Agent(base, http, r.json()["token"])
+        ok(f"identity for {AGENT} (no shared secret); DPoP key generated in memory")
+
+        say("The agent starts a task: triage acme/web, asking for more than it may have")
+        body = {
+            "intent": {
+                "purpose": "triage new bug reports in acme/web",
+                "constraints": {"repo": "acme/web"},
+            },
+            "on_behalf_of": "alice",
+            "scopes": [
+                {"tool": "issues", "tier": "read"},
+                {"tool": "issues", "tier": "write", "actions": ["comment"]},
+                {"tool": "deploy", "tier": "admin"},
+            ],
+            "ttl_seconds": 900,
+        }
+        r = await agent.call("POST", "/v1/tasks", json=body)
+        if r.status_code != 201:
+            bad(f"task refused: {r.text}")
+            return False
+        task = r.json()
+        ok(f"task {task['id']} is {task['state']}, expires {task['expires_at']}")
+        for g in task["granted"]:
+            ok(f"granted [bold]{g['tool']}:{g['tier']}[/] actions {', '.join(g['actions'])}")
+        for d in task["denied"]:
+            con.print(
+                f"   [yellow]–[/] denied {d['tool']}:{d['tier']}: {d['code']} ({d['reason']})"
+            )
+
+        say("One credential per (tool, tier): one audience, one tier, bound to the agent's key")
+        creds = task["credentials"]
+        for c in creds:
+            claims = _claims(c["access_token"])
+            ok(
+                f"{c['scope']:14} aud={claims['aud']}  exp in {c['expires_in']}s  "
+                f"cnf.jkt={claims['cnf']['jkt'][:12]}…  jti={claims['jti'][:14]}…"
+            )
+        if any("demo-upstream-secret" in c["access_token"] for c in creds):
+            bad("an upstream secret leaked into a credential")
+            return False
+        ok("no upstream secret in anything the agent received")
+
+        say("A resource server checks a credential (RFC 7662 introspection)")
+        read_token = next(c["access_token"] for c in creds if c["tier"] == "read")
+        r = await http.post("/oauth/introspect", data={"token": read_token}, headers=admin)
+        info = r.json()
+        if not info.get("active"):
+            bad(f"credential not active: {info}")
+            return False
+        ok(f"active=true scope={info['scope']} task={info['tsk']} intent={info['intent']!r}")
+
+        say("Attacks that must fail")
+        path = "/v1/tasks"
+        replayed = agent.proof("POST", path)
+        await agent.call("POST", path, json=body, proof=replayed)
+        r = await agent.call("POST", path, json=body, proof=replayed)
+        _expect(con, r, 401, "a replayed DPoP proof")
+        thief = _Agent(base, http, agent.identity)
+        r = await thief.call(
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "issues", "tier": "read"}
+        )
+        _expect(con, r, 404, "a fresh credential asked with another DPoP key")
+        r = await agent.call(
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "deploy", "tier": "admin"}
+        )
+        _expect(con, r, 403, "a credential for a scope the task was never granted")
+
+        say("The agent refreshes a credential while the task lives")
+        r = await agent.call(
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "issues", "tier": "read"}
+        )
+        if r.status_code != 201:
+            bad(f"refresh failed: {r.text}")
+            return False
+        fresh = r.json()["access_token"]
+        ok(f"fresh {r.json()['scope']} credential, same key")
+
+        say("The agent ends the task: everything issued for it dies")
+        r = await agent.call("POST", f"/v1/tasks/{task['id']}/complete")
+        ended = r.json()
+        ok(f"task {ended['id']} is {ended['state']}")
+        for token in [c["access_token"] for c in creds] + [fresh]:
+            r = await http.post("/oauth/introspect", data={"token": token}, headers=admin)
+            if r.json().get("active") is not False:
+                bad("a credential is still active after the task ended")
+                return False
+        ok(f"all {len(creds) + 1} credentials now introspect as active=false")
+        r = await agent.call(
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "issues", "tier": "read"}
+        )
+        _expect(con, r, 409, "a new credential for the ended task")
+
+    con.print(
+        Panel.fit(
+            "[bold green]demo complete[/]: granted, used, ended, revoked", border_style="green"
+        )
+    )
+    return True
+
+
+def _expect(con: Console, r: httpx.Response, status: int, what: str) -> None:
+    body = r.json() if r.content else {}
+    code = body.get("code") or body.get("error")
+    if r.status_code == status:
+        con.print(f"   [green]✓[/] refused {what}: {r.status_code} {code}")
+    else:
+        con.print(f"   [bold red]✗ {what} got {r.status_code} {code}, expected {status}[/]")
+        raise DemoFailed(f"expectation failed: {what}")

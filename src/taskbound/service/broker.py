@@ -1,0 +1,423 @@
+"""The broker: tasks and the task-bound credentials issued for them (DESIGN.md §3 flows 3-4,
+§9). Orchestrates the pure core (identity, DPoP, grant decision, token minting) with storage.
+
+Every refusal raises a :class:`taskbound.errors.TaskboundError` with a stable code, is
+logged with its full internal reason, and persists nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from taskbound.config import Settings
+from taskbound.core.clock import Clock, to_epoch
+from taskbound.core.dpop import DPoPProof, verify_dpop_proof
+from taskbound.core.grant import GrantDecider, GrantRequest, ScopeRequest
+from taskbound.core.identity import WorkloadIdentity
+from taskbound.core.model import (
+    AgentState,
+    CredentialRecord,
+    KeyPurpose,
+    ScopeGrant,
+    Task,
+    TaskState,
+    Tier,
+)
+from taskbound.core.tokens import CredentialClaims, mint_credential, verify_credential
+from taskbound.errors import (
+    AgentNotActive,
+    Forbidden,
+    InvalidDPoPProof,
+    InvalidRequest,
+    InvalidToken,
+    NoScopeGranted,
+    NotFound,
+    OwnerNotAllowed,
+    TaskboundError,
+    TaskNotActive,
+    TTLExceedsCap,
+    UnknownAgent,
+)
+from taskbound.service.identity import IdentityVerifier
+from taskbound.service.keys import KeyManager
+from taskbound.storage.base import ReplayCache, Storage
+
+log = logging.getLogger("taskbound.broker")
+
+_REFUSAL_ERRORS: Mapping[str, type[TaskboundError]] = {
+    "agent_not_active": AgentNotActive,
+    "owner_not_allowed": OwnerNotAllowed,
+}
+
+
+def new_id(prefix: str) -> str:
+    """An unguessable identifier: 128 random bits, URL-safe, with a readable prefix."""
+    return f"{prefix}_{secrets.token_urlsafe(16)}"
+
+
+@dataclass(frozen=True, slots=True)
+class StartTaskRequest:
+    purpose: str
+    constraints: Mapping[str, Any]
+    on_behalf_of: str
+    scopes: tuple[ScopeRequest, ...]
+    ttl_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCredential:
+    access_token: str
+    record: CredentialRecord
+    expires_in: int
+
+    @property
+    def scope(self) -> str:
+        return f"{self.record.tool}:{self.record.tier.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    task: Task
+    credentials: tuple[IssuedCredential, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCaller:
+    """An agent authenticated for one request: its identity and its DPoP proof."""
+
+    identity: WorkloadIdentity
+    proof: DPoPProof
+
+
+class Broker:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        keys: KeyManager,
+        identity: IdentityVerifier,
+        decider: GrantDecider,
+        replay: ReplayCache,
+        clock: Clock,
+        ids: Callable[[str], str] = new_id,
+    ) -> None:
+        self._settings = settings
+        self._storage = storage
+        self._keys = keys
+        self._identity = identity
+        self._decider = decider
+        self._replay = replay
+        self._clock = clock
+        self._ids = ids
+        creds = settings.credentials
+        self._cred_cap = timedelta(seconds=creds.max_ttl_seconds)
+        self._leeway = timedelta(seconds=creds.clock_leeway_seconds)
+        self._iat_window = timedelta(seconds=settings.dpop.iat_window_seconds)
+
+    @property
+    def decider(self) -> GrantDecider:
+        return self._decider
+
+    # --- authentication of agents -------------------------------------------------------
+
+    async def authenticate_agent(
+        self,
+        *,
+        identity_token: str | None,
+        dpop_headers: Sequence[str],
+        method: str,
+        path: str,
+    ) -> AgentCaller:
+        """Verify the workload identity token and the request's DPoP proof (RFC 9449 §4.3),
+        including the one-time use of the proof's ``jti``."""
+        if not identity_token:
+            raise InvalidRequest(
+                "a workload identity token is required as 'Authorization: Bearer <token>'"
+            )
+        identity = await self._identity.verify(identity_token)
+        if len(dpop_headers) != 1:
+            raise InvalidDPoPProof(internal=f"{len(dpop_headers)} DPoP headers, expected one")
+        now = self._clock.now()
+        proof = verify_dpop_proof(
+            dpop_headers[0],
+            method=method,
+            url=self._settings.public_url + path,
+            now=now,
+            algorithms=self._settings.dpop.algorithms,
+            iat_window=self._iat_window,
+        )
+        # The proof stays acceptable until iat + window; remember its jti that long.
+        expires = proof.issued_at + self._iat_window + self._leeway
+        if await self._replay.seen(f"dpop:{proof.jkt}:{proof.jti}", expires, now):
+            raise InvalidDPoPProof(internal=f"DPoP proof jti {proof.jti!r} replayed")
+        return AgentCaller(identity, proof)
+
+    # --- tasks -------------------------------------------------------------------------
+
+    async def start_task(self, caller: AgentCaller, req: StartTaskRequest) -> TaskStarted:
+        now = self._clock.now()
+        spiffe_id = caller.identity.spiffe_id
+        cap = self._settings.credentials.task_max_ttl_seconds
+        if req.ttl_seconds > cap:
+            raise TTLExceedsCap(f"ttl_seconds must be at most {cap}")
+        inputs = await self._storage.load_grant_inputs(
+            spiffe_id, req.on_behalf_of, [s.tool for s in req.scopes]
+        )
+        agent, tools = inputs.agent, inputs.tools
+        if agent is None:
+            raise UnknownAgent(internal=f"no agent registered for {spiffe_id}")
+        decision = self._decider.decide(
+            GrantRequest(
+                agent=agent,
+                owner=inputs.owner,
+                owner_id=req.on_behalf_of,
+                purpose=req.purpose,
+                constraints=req.constraints,
+                scopes=req.scopes,
+                ttl=timedelta(seconds=req.ttl_seconds),
+                tools=tools,
+                now=now,
+            )
+        )
+        if decision.refusal is not None:
+            err = _REFUSAL_ERRORS.get(decision.refusal.code, Forbidden)
+            raise err(internal=decision.refusal.reason)
+        if not decision.granted:
+            raise NoScopeGranted(internal="; ".join(d.reason for d in decision.denied))
+        task = Task(
+            id=self._ids("tsk"),
+            agent_id=spiffe_id,
+            owner_id=req.on_behalf_of,
+            purpose=req.purpose,
+            constraints=dict(req.constraints),
+            granted=decision.granted,
+            denied=decision.denied,
+            jkt=caller.proof.jkt,
+            created_at=now,
+            expires_at=now + timedelta(seconds=req.ttl_seconds),
+        )
+        issued = tuple(
+            self._mint(task, grant, now, tools[grant.tool].audience) for grant in task.granted
+        )
+        await self._storage.create_task(task, [c.record for c in issued])
+        log.info(
+            "task started",
+            extra={
+                "event": "task.started",
+                "task_id": task.id,
+                "agent": spiffe_id,
+                "owner": task.owner_id,
+                "granted": [f"{g.tool}:{g.tier.value}" for g in task.granted],
+                "denied": [f"{d.tool}:{d.tier}:{d.code}" for d in task.denied],
+                "decided_by": list(decision.determined_by),
+            },
+        )
+        return TaskStarted(task, issued)
+
+    def _mint(
+        self, task: Task, grant: ScopeGrant, now: datetime, audience: str
+    ) -> IssuedCredential:
+        signer = self._keys.signer(KeyPurpose.CREDENTIALS)
+        expires = min(task.expires_at, now + self._cred_cap)
+        claims = CredentialClaims(
+            issuer=self._settings.issuer,
+            subject=task.agent_id,
+            audience=audience,
+            client_id=task.agent_id,
+            jti=self._ids("cred"),
+            issued_at=now,
+            not_before=now,
+            expires_at=expires,
+            task_id=task.id,
+            owner_id=task.owner_id,
+            purpose=task.purpose,
+            constraints=task.constraints,
+            tool=grant.tool,
+            tier=grant.tier,
+            actions=grant.actions,
+            jkt=task.jkt,
+        )
+        token = mint_credential(claims, signer)
+        record = CredentialRecord(
+            jti=claims.jti,
+            task_id=task.id,
+            agent_id=task.agent_id,
+            tool=grant.tool,
+            tier=grant.tier,
+            actions=grant.actions,
+            jkt=task.jkt,
+            kid=signer.kid,
+            issued_at=now,
+            expires_at=expires,
+        )
+        return IssuedCredential(token, record, max(0, to_epoch(expires) - to_epoch(now)))
+
+    async def _own_task(self, caller: AgentCaller, task_id: str) -> Task:
+        """The task, if this caller is its agent holding its DPoP key; otherwise not found
+        (a caller learns nothing about other agents' tasks)."""
+        task = await self._storage.get_task(task_id)
+        if (
+            task is None
+            or not secrets.compare_digest(task.agent_id, caller.identity.spiffe_id)
+            or not secrets.compare_digest(task.jkt, caller.proof.jkt)
+        ):
+            raise NotFound("no such task")
+        return task
+
+    async def issue_credential(
+        self, caller: AgentCaller, task_id: str, tool: str, tier: Tier
+    ) -> IssuedCredential:
+        """A fresh credential for a granted (tool, tier) of a live task, same DPoP key."""
+        task = await self._own_task(caller, task_id)
+        now = self._clock.now()
+        if task.state_at(now) is not TaskState.ACTIVE:
+            raise TaskNotActive(f"the task is {task.state_at(now).value}")
+        agent = await self._storage.get_agent(task.agent_id)
+        if agent is None or agent.state is not AgentState.ACTIVE:
+            raise AgentNotActive(internal=f"agent {task.agent_id} is not active")
+        grant = task.grant_for(tool, tier)
+        if grant is None:
+            raise Forbidden(
+                f"the task was not granted {tool}:{tier.value}",
+                internal=f"credential refresh for ungranted {tool}:{tier.value}",
+            )
+        tool_row = await self._storage.get_tool(tool)
+        if tool_row is None:
+            raise Forbidden("the tool is no longer registered")
+        issued = self._mint(task, grant, now, tool_row.audience)
+        if not await self._storage.add_credential(issued.record, now):
+            raise TaskNotActive("the task is no longer active")
+        log.info(
+            "credential issued",
+            extra={"event": "credential.issued", "task_id": task.id, "jti": issued.record.jti},
+        )
+        return issued
+
+    async def task_for_agent(self, caller: AgentCaller, task_id: str) -> Task:
+        return await self._own_task(caller, task_id)
+
+    async def get_task(self, task_id: str) -> Task:
+        task = await self._storage.get_task(task_id)
+        if task is None:
+            raise NotFound("no such task")
+        return task
+
+    async def end_task(self, task_id: str, state: TaskState, reason: str) -> tuple[Task, bool]:
+        """End a task and revoke everything issued for it. Idempotent: ending an ended
+        task changes nothing and says so (``changed`` False)."""
+        if state is TaskState.ACTIVE:
+            raise InvalidRequest("a task cannot be ended into the active state")
+        result = await self._storage.end_task(task_id, state, reason, self._clock.now())
+        if result is None:
+            raise NotFound("no such task")
+        task, changed = result
+        log.info(
+            "task ended",
+            extra={
+                "event": "task.ended",
+                "task_id": task_id,
+                "state": task.state.value,
+                "reason": reason,
+                "changed": changed,
+            },
+        )
+        return task, changed
+
+    async def credentials_of(self, task_id: str) -> list[CredentialRecord]:
+        return await self._storage.list_credentials(task_id)
+
+    # --- RFC 7662 / RFC 7009 -----------------------------------------------------------
+
+    async def _verify_own(self, token: str) -> CredentialClaims:
+        audiences = {t.audience for t in await self._storage.list_tools()}
+        kwargs: dict[str, Any] = {
+            "issuer": self._settings.issuer,
+            "audiences": audiences,
+            "algorithms": (self._keys.signer().alg,),
+            "now": self._clock.now(),
+            "leeway": self._leeway,
+        }
+        try:
+            return verify_credential(token, keys=self._keys.keyring(), **kwargs)
+        except InvalidToken:
+            # A rotation made by another replica may have brought a key we do not hold yet.
+            await self._keys.reload()
+            return verify_credential(token, keys=self._keys.keyring(), **kwargs)
+
+    async def introspect(self, token: str) -> dict[str, Any]:
+        """RFC 7662 §2.2: ``active`` only when the credential verifies and it, its task and
+        its agent are all live now. Nothing about an inactive token is revealed."""
+        inactive: dict[str, Any] = {"active": False}
+        try:
+            claims = await self._verify_own(token)
+        except InvalidToken:
+            return inactive
+        now = self._clock.now()
+        record = await self._storage.get_credential(claims.jti)
+        task = await self._storage.get_task(claims.task_id)
+        agent = await self._storage.get_agent(claims.subject)
+        if (
+            record is None
+            or not record.live_at(now)
+            or task is None
+            or task.state_at(now) is not TaskState.ACTIVE
+            or agent is None
+            or agent.state is not AgentState.ACTIVE
+        ):
+            return inactive
+        return {
+            "active": True,
+            "iss": claims.issuer,
+            "sub": claims.subject,
+            "aud": claims.audience,
+            "client_id": claims.client_id,
+            "jti": claims.jti,
+            "iat": to_epoch(claims.issued_at),
+            "nbf": to_epoch(claims.not_before),
+            "exp": to_epoch(claims.expires_at),
+            "scope": f"{claims.tool}:{claims.tier.value}",
+            "token_type": "DPoP",
+            "cnf": {"jkt": claims.jkt},
+            "tsk": claims.task_id,
+            "owner": claims.owner_id,
+            "intent": claims.purpose,
+            "authorization_details": [
+                {
+                    "type": "taskbound_tool",
+                    "tool": claims.tool,
+                    "tier": claims.tier.value,
+                    "actions": list(claims.actions),
+                    "constraints": dict(claims.constraints),
+                }
+            ],
+        }
+
+    async def revoke_token(self, token: str, reason: str) -> bool:
+        """RFC 7009 §2.1: revoke a credential presented by anyone holding it. Unknown or
+        invalid tokens are not an error (§2.2); returns whether something was revoked."""
+        try:
+            claims = await self._verify_own(token)
+        except InvalidToken:
+            return False
+        revoked = await self._storage.revoke_credential(claims.jti, reason, self._clock.now())
+        log.info(
+            "credential revoked",
+            extra={"event": "credential.revoked", "jti": claims.jti, "changed": revoked},
+        )
+        return revoked
+
+    # --- housekeeping ------------------------------------------------------------------
+
+    async def sweep(self) -> list[str]:
+        """Expire tasks past their TTL (revoking their credentials) and prune keys past
+        their overlap. Safe to run in every replica at once."""
+        expired = await self._storage.expire_tasks(self._clock.now())
+        for task_id in expired:
+            log.info("task expired", extra={"event": "task.expired", "task_id": task_id})
+        await self._keys.prune()
+        return expired

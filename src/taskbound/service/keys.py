@@ -1,0 +1,153 @@
+"""Signing keys: generated on first start, stored encrypted, published, rotated with overlap.
+
+The private halves are encrypted with the key-encryption key (KEK) and the key id as
+associated data, so a ciphertext moved to another row does not decrypt. The KEK never
+reaches the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from taskbound.core.clock import Clock
+from taskbound.core.keys import (
+    KeyRing,
+    PrivateKey,
+    generate_key,
+    private_key_from_bytes,
+    private_key_to_bytes,
+    public_jwk,
+)
+from taskbound.core.model import KeyPurpose, KeyState, SigningKey
+from taskbound.core.secretbox import SecretBox
+from taskbound.errors import KeyUnavailable
+from taskbound.storage.base import KeyStore
+
+log = logging.getLogger("taskbound.keys")
+
+
+def _aad(kid: str) -> bytes:
+    return b"taskbound:signing-key:" + kid.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _PurposeKeys:
+    signer: PrivateKey
+    ring: KeyRing
+    public: tuple[dict[str, str], ...]
+
+
+class KeyManager:
+    """Holds the decrypted active signer and the published verification keys per purpose.
+
+    ``reload`` re-reads the store, so a rotation made by another process is picked up at
+    the next periodic reload (and at once on an unknown ``kid``, by the caller).
+    """
+
+    def __init__(
+        self,
+        store: KeyStore,
+        box: SecretBox,
+        clock: Clock,
+        *,
+        algorithm: str,
+        overlap: timedelta,
+    ) -> None:
+        self._store = store
+        self._box = box
+        self._clock = clock
+        self._algorithm = algorithm
+        self._overlap = overlap
+        self._keys: dict[KeyPurpose, _PurposeKeys] = {}
+
+    def _seal(self, key: PrivateKey, purpose: KeyPurpose, now: datetime) -> SigningKey:
+        return SigningKey(
+            kid=key.kid,
+            purpose=purpose,
+            alg=key.alg,
+            public_jwk=public_jwk(key),
+            private_ciphertext=self._box.encrypt(private_key_to_bytes(key), aad=_aad(key.kid)),
+            created_at=now,
+        )
+
+    async def ensure(self, purposes: tuple[KeyPurpose, ...]) -> None:
+        """Make sure each purpose has an active key (generating one on first start), then
+        load them. Concurrent first starts agree on one key (the database decides)."""
+        now = self._clock.now()
+        existing = {k.purpose for k in await self._store.list_keys() if k.state is KeyState.ACTIVE}
+        for purpose in purposes:
+            if purpose in existing:
+                continue
+            # The dev identity issuer signs JWT-SVIDs, whose allow-list (SPIFFE) has no EdDSA.
+            alg = "ES256" if purpose is KeyPurpose.DEV_IDENTITY else self._algorithm
+            won = await self._store.insert_active_key(self._seal(generate_key(alg), purpose, now))
+            log.info("signing key ready", extra={"purpose": purpose.value, "kid": won.kid})
+        await self.reload()
+
+    async def reload(self) -> None:
+        now = self._clock.now()
+        stored = await self._store.list_keys()
+        loaded: dict[KeyPurpose, _PurposeKeys] = {}
+        for purpose in KeyPurpose:
+            mine = [k for k in stored if k.purpose is purpose]
+            active = [k for k in mine if k.state is KeyState.ACTIVE]
+            if not active:
+                continue
+            published = [
+                k
+                for k in mine
+                if k.state is KeyState.ACTIVE
+                or (k.retire_after is not None and k.retire_after > now)
+            ]
+            signer = self._open(active[0])
+            ring = KeyRing.from_jwks({"keys": [dict(k.public_jwk) for k in published]})
+            loaded[purpose] = _PurposeKeys(
+                signer, ring, tuple(dict(k.public_jwk) for k in published)
+            )
+        self._keys = loaded
+
+    def _open(self, stored: SigningKey) -> PrivateKey:
+        plain = self._box.decrypt(stored.private_ciphertext, aad=_aad(stored.kid))
+        key = private_key_from_bytes(plain, stored.alg)
+        if key.kid != stored.kid:
+            raise KeyUnavailable(internal=f"stored key {stored.kid} does not match its thumbprint")
+        return key
+
+    def _get(self, purpose: KeyPurpose) -> _PurposeKeys:
+        keys = self._keys.get(purpose)
+        if keys is None:
+            raise KeyUnavailable(internal=f"no active {purpose.value} key loaded")
+        return keys
+
+    def signer(self, purpose: KeyPurpose = KeyPurpose.CREDENTIALS) -> PrivateKey:
+        return self._get(purpose).signer
+
+    def keyring(self, purpose: KeyPurpose = KeyPurpose.CREDENTIALS) -> KeyRing:
+        return self._get(purpose).ring
+
+    def jwks(self, purpose: KeyPurpose = KeyPurpose.CREDENTIALS) -> dict[str, Any]:
+        """The public JWKS (RFC 7517): the active key and still-valid retiring ones."""
+        return {"keys": list(self._get(purpose).public)} if purpose in self._keys else {"keys": []}
+
+    async def rotate(self, purpose: KeyPurpose = KeyPurpose.CREDENTIALS) -> SigningKey:
+        """Make a new active key; the old one stays published for ``overlap`` so that
+        credentials it signed keep verifying until they expire."""
+        now = self._clock.now()
+        alg = "ES256" if purpose is KeyPurpose.DEV_IDENTITY else self._algorithm
+        new = self._seal(generate_key(alg), purpose, now)
+        await self._store.rotate_key(new, retire_after=now + self._overlap)
+        await self.reload()
+        log.info("signing key rotated", extra={"purpose": purpose.value, "kid": new.kid})
+        return new
+
+    async def prune(self) -> int:
+        removed = await self._store.prune_keys(self._clock.now())
+        if removed:
+            await self.reload()
+        return removed
+
+    async def list(self) -> list[SigningKey]:
+        return await self._store.list_keys()

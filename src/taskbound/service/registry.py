@@ -1,0 +1,510 @@
+"""The registry: owners, agents and tools (DESIGN.md §3 flow 1).
+
+Specs are validated pydantic models shared by the admin API, the CLI and declarative
+``taskbound apply``. Upstream secrets are encrypted before they reach storage and are never
+returned by any read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from taskbound.core.clock import Clock
+from taskbound.core.identity import parse_spiffe_id
+from taskbound.core.model import (
+    Action,
+    Agent,
+    AgentState,
+    Owner,
+    Risk,
+    Role,
+    Scope,
+    Tier,
+    Tool,
+    ToolKind,
+)
+from taskbound.core.secretbox import SecretBox
+from taskbound.errors import InvalidRequest, NotFound, ReferenceError_
+from taskbound.storage.base import Storage
+
+log = logging.getLogger("taskbound.registry")
+
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+_PATH_TEMPLATE = re.compile(
+    r"^/([A-Za-z0-9._~!$&'()*+,;=:@%-]*|\{[A-Za-z_][A-Za-z0-9_]*\})(/([A-Za-z0-9._~!$&'()*+,;=:@%-]*|\{[A-Za-z_][A-Za-z0-9_]*\}))*$"
+)
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _absolute_url(value: str, field: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{field} must be an absolute http(s) URL")
+    if parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{field} must not carry a fragment or credentials")
+    return value
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OwnerSpec(_Spec):
+    id: Name
+    contact: str = Field(min_length=1, max_length=256)
+    roles: list[Role] = Field(default_factory=list, max_length=3)
+    disabled: bool = False
+
+
+class ScopeSpec(_Spec):
+    tool: Name
+    tier: Tier
+
+
+class AgentSpec(_Spec):
+    spiffe_id: str = Field(max_length=2048)
+    owner: Name
+    state: AgentState = AgentState.ACTIVE
+    ceiling: list[ScopeSpec] = Field(default_factory=list, max_length=256)
+    description: str = Field("", max_length=1000)
+
+    @field_validator("spiffe_id")
+    @classmethod
+    def _spiffe(cls, value: str) -> str:
+        return str(parse_spiffe_id(value))
+
+
+class ActionSpec(_Spec):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")]
+    tier: Tier
+    method: str | None = None
+    path: str | None = Field(None, max_length=1024)
+    mcp_tool: str | None = Field(None, min_length=1, max_length=128)
+    risk: Risk = Risk.LOW
+    requires_approval: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.upper() not in _HTTP_METHODS:
+            raise ValueError(f"method must be one of {sorted(_HTTP_METHODS)}")
+        return value.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not _PATH_TEMPLATE.match(value):
+            raise ValueError("path must be a template like /repos/{owner}/{repo}")
+        return value
+
+
+class ToolSpec(_Spec):
+    id: Name
+    audience: str = Field(max_length=1024)
+    upstream_url: str = Field(max_length=2048)
+    kind: ToolKind = ToolKind.HTTP
+    actions: list[ActionSpec] = Field(min_length=1, max_length=256)
+    upstream_auth_header: str = "Authorization"
+    # Write-only: stored encrypted, never returned.
+    upstream_secret: SecretStr | None = Field(None)
+    description: str = Field("", max_length=1000)
+
+    @field_validator("audience")
+    @classmethod
+    def _audience(cls, value: str) -> str:
+        return _absolute_url(value, "audience")
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        return _absolute_url(value, "upstream_url")
+
+    @field_validator("upstream_auth_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value):
+            raise ValueError("upstream_auth_header must be an HTTP header name")
+        return value
+
+    @field_validator("upstream_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not 1 <= len(value.get_secret_value()) <= 8192:
+            raise ValueError("upstream_secret must be 1 to 8192 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _matchers(self) -> ToolSpec:
+        names: set[str] = set()
+        matchers: set[tuple[str, ...]] = set()
+        for a in self.actions:
+            if a.name in names:
+                raise ValueError(f"duplicate action name {a.name!r}")
+            names.add(a.name)
+            if self.kind is ToolKind.HTTP:
+                if a.method is None or a.path is None or a.mcp_tool is not None:
+                    raise ValueError(f"HTTP action {a.name!r} needs method and path only")
+                key: tuple[str, ...] = (a.method, re.sub(r"\{[^}]+\}", "{}", a.path))
+            else:
+                if a.mcp_tool is None or a.method is not None or a.path is not None:
+                    raise ValueError(f"MCP action {a.name!r} needs mcp_tool only")
+                key = (a.mcp_tool,)
+            if key in matchers:
+                raise ValueError(f"action {a.name!r} has the same matcher as another action")
+            matchers.add(key)
+        return self
+
+
+class RegistryDocument(_Spec):
+    """What ``taskbound apply -f`` reads: the registry declared as data, kept in git."""
+
+    owners: list[OwnerSpec] = Field(default_factory=list, max_length=10_000)
+    tools: list[ToolSpec] = Field(default_factory=list, max_length=10_000)
+    agents: list[AgentSpec] = Field(default_factory=list, max_length=10_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    created: tuple[str, ...]
+    updated: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+
+def _secret_aad(tool_id: str) -> bytes:
+    return b"taskbound:tool-secret:" + tool_id.encode()
+
+
+class Registry:
+    def __init__(self, storage: Storage, box: SecretBox, clock: Clock) -> None:
+        self._storage = storage
+        self._box = box
+        self._clock = clock
+
+    # --- owners ------------------------------------------------------------------------
+
+    async def create_owner(self, spec: OwnerSpec) -> Owner:
+        now = self._clock.now()
+        owner = Owner(spec.id, spec.contact, frozenset(spec.roles), now, now, spec.disabled)
+        await self._storage.create_owner(owner)
+        log.info("owner created", extra={"event": "owner.created", "owner": owner.id})
+        return owner
+
+    async def update_owner(self, spec: OwnerSpec) -> Owner:
+        old = await self._storage.get_owner(spec.id)
+        if old is None:
+            raise NotFound(f"no owner {spec.id!r}")
+        owner = Owner(
+            spec.id,
+            spec.contact,
+            frozenset(spec.roles),
+            old.created_at,
+            self._clock.now(),
+            spec.disabled,
+        )
+        await self._storage.update_owner(owner)
+        log.info("owner updated", extra={"event": "owner.updated", "owner": owner.id})
+        return owner
+
+    # --- tools -------------------------------------------------------------------------
+
+    def _tool(self, spec: ToolSpec, created_at: Any = None) -> Tool:
+        now = self._clock.now()
+        return Tool(
+            id=spec.id,
+            audience=spec.audience,
+            upstream_url=spec.upstream_url,
+            kind=spec.kind,
+            actions=tuple(
+                Action(
+                    name=a.name,
+                    tier=a.tier,
+                    method=a.method,
+                    path=a.path,
+                    mcp_tool=a.mcp_tool,
+                    risk=a.risk,
+                    requires_approval=a.requires_approval,
+                )
+                for a in spec.actions
+            ),
+            created_at=created_at or now,
+            updated_at=now,
+            upstream_auth_header=spec.upstream_auth_header,
+            description=spec.description,
+        )
+
+    def _seal_secret(self, spec: ToolSpec) -> bytes | None:
+        if spec.upstream_secret is None:
+            return None
+        return self._box.encrypt(
+            spec.upstream_secret.get_secret_value().encode(), aad=_secret_aad(spec.id)
+        )
+
+    async def _check_audience_unique(self, spec: ToolSpec) -> None:
+        for other in await self._storage.list_tools():
+            if other.id != spec.id and other.audience == spec.audience:
+                raise InvalidRequest(
+                    f"audience {spec.audience!r} is already the audience of tool {other.id!r}"
+                )
+
+    async def create_tool(self, spec: ToolSpec) -> Tool:
+        await self._check_audience_unique(spec)
+        tool = self._tool(spec)
+        await self._storage.create_tool(tool, self._seal_secret(spec))
+        log.info("tool created", extra={"event": "tool.created", "tool": tool.id})
+        return tool
+
+    async def update_tool(self, spec: ToolSpec) -> Tool:
+        old = await self._storage.get_tool(spec.id)
+        if old is None:
+            raise NotFound(f"no tool {spec.id!r}")
+        await self._check_audience_unique(spec)
+        tool = self._tool(spec, old.created_at)
+        await self._storage.update_tool(tool, self._seal_secret(spec))
+        log.info("tool updated", extra={"event": "tool.updated", "tool": tool.id})
+        return tool
+
+    async def has_secret(self, tool_id: str) -> bool:
+        return await self._storage.get_tool_secret(tool_id) is not None
+
+    async def upstream_secret(self, tool_id: str) -> str | None:
+        """The decrypted upstream secret, for the gateway only (invariant 4)."""
+        blob = await self._storage.get_tool_secret(tool_id)
+        if blob is None:
+            return None
+        return self._box.decrypt(blob, aad=_secret_aad(tool_id)).decode()
+
+    # --- agents ------------------------------------------------------------------------
+
+    async def _agent(self, spec: AgentSpec, created_at: Any = None) -> Agent:
+        if await self._storage.get_owner(spec.owner) is None:
+            raise ReferenceError_(f"no owner {spec.owner!r}")
+        ceiling = frozenset(Scope(s.tool, s.tier) for s in spec.ceiling)
+        for scope in sorted(ceiling):
+            tool = await self._storage.get_tool(scope.tool)
+            if tool is None:
+                raise ReferenceError_(f"ceiling names unknown tool {scope.tool!r}")
+            if scope.tier not in tool.tiers():
+                raise InvalidRequest(f"tool {scope.tool!r} has no {scope.tier.value} actions")
+        now = self._clock.now()
+        return Agent(
+            spiffe_id=spec.spiffe_id,
+            owner_id=spec.owner,
+            state=spec.state,
+            ceiling=ceiling,
+            created_at=created_at or now,
+            updated_at=now,
+            description=spec.description,
+        )
+
+    async def create_agent(self, spec: AgentSpec) -> Agent:
+        agent = await self._agent(spec)
+        await self._storage.create_agent(agent)
+        log.info("agent created", extra={"event": "agent.created", "agent": agent.spiffe_id})
+        return agent
+
+    async def update_agent(self, spec: AgentSpec) -> Agent:
+        old = await self._storage.get_agent(spec.spiffe_id)
+        if old is None:
+            raise NotFound(f"no agent {spec.spiffe_id!r}")
+        agent = await self._agent(spec, old.created_at)
+        await self._storage.update_agent(agent)
+        log.info("agent updated", extra={"event": "agent.updated", "agent": agent.spiffe_id})
+        return agent
+
+    # --- declarative apply ---------------------------------------------------------------
+
+    async def apply(self, doc: RegistryDocument, *, dry_run: bool = False) -> ApplyResult:
+        """Create or update everything the document declares, owners then tools then
+        agents. The whole document is validated (including references between its own
+        entries) before anything is written; re-applying converges, so an interrupted
+        apply is repaired by running it again."""
+        _check_unique(doc)
+        owners = {o.id for o in doc.owners} | {o.id for o in await self._storage.list_owners()}
+        tools = {t.id: t for t in doc.tools}
+        for stored in await self._storage.list_tools():
+            tools.setdefault(stored.id, _spec_of(stored))
+        for a in doc.agents:
+            if a.owner not in owners:
+                raise ReferenceError_(f"agent {a.spiffe_id}: no owner {a.owner!r}")
+            for s in a.ceiling:
+                tool = tools.get(s.tool)
+                if tool is None:
+                    raise ReferenceError_(f"agent {a.spiffe_id}: unknown tool {s.tool!r}")
+                if s.tier not in {x.tier for x in tool.actions}:
+                    raise InvalidRequest(
+                        f"agent {a.spiffe_id}: tool {s.tool!r} has no {s.tier.value} actions"
+                    )
+        audiences: dict[str, str] = {}
+        for spec in tools.values():
+            if audiences.setdefault(spec.audience, spec.id) != spec.id:
+                raise InvalidRequest(
+                    f"tools {audiences[spec.audience]!r} and {spec.id!r} share an audience"
+                )
+        created: list[str] = []
+        updated: list[str] = []
+        unchanged: list[str] = []
+
+        async def put(
+            kind: str, key: str, exists: bool, same: bool, create: Any, update: Any
+        ) -> None:
+            label = f"{kind}/{key}"
+            if not exists:
+                created.append(label)
+                if not dry_run:
+                    await create()
+            elif same:
+                unchanged.append(label)
+            else:
+                updated.append(label)
+                if not dry_run:
+                    await update()
+
+        for o in doc.owners:
+            old_o = await self._storage.get_owner(o.id)
+            same = old_o is not None and (old_o.contact, old_o.roles, old_o.disabled) == (
+                o.contact,
+                frozenset(o.roles),
+                o.disabled,
+            )
+            await put(
+                "owner",
+                o.id,
+                old_o is not None,
+                same,
+                lambda o=o: self.create_owner(o),
+                lambda o=o: self.update_owner(o),
+            )
+        for t in doc.tools:
+            old_t = await self._storage.get_tool(t.id)
+            same = old_t is not None and t.upstream_secret is None and _spec_of(old_t) == t
+            await put(
+                "tool",
+                t.id,
+                old_t is not None,
+                same,
+                lambda t=t: self.create_tool(t),
+                lambda t=t: self.update_tool(t),
+            )
+        for a in doc.agents:
+            old_a = await self._storage.get_agent(a.spiffe_id)
+            same = old_a is not None and (
+                old_a.owner_id,
+                old_a.state,
+                old_a.ceiling,
+                old_a.description,
+            ) == (
+                a.owner,
+                a.state,
+                frozenset(Scope(s.tool, s.tier) for s in a.ceiling),
+                a.description,
+            )
+            await put(
+                "agent",
+                a.spiffe_id,
+                old_a is not None,
+                same,
+                lambda a=a: self.create_agent(a),
+                lambda a=a: self.update_agent(a),
+            )
+        return ApplyResult(tuple(created), tuple(updated), tuple(unchanged))
+
+
+def _check_unique(doc: RegistryDocument) -> None:
+    for kind, keys in (
+        ("owner", [o.id for o in doc.owners]),
+        ("tool", [t.id for t in doc.tools]),
+        ("agent", [a.spiffe_id for a in doc.agents]),
+    ):
+        seen: set[str] = set()
+        for key in keys:
+            if key in seen:
+                raise InvalidRequest(f"the document declares {kind} {key!r} twice")
+            seen.add(key)
+
+
+def _spec_of(tool: Tool) -> ToolSpec:
+    """The spec that would produce ``tool`` (without its secret), to detect changes."""
+    return ToolSpec(
+        id=tool.id,
+        audience=tool.audience,
+        upstream_url=tool.upstream_url,
+        kind=tool.kind,
+        actions=[
+            ActionSpec(
+                name=a.name,
+                tier=a.tier,
+                method=a.method,
+                path=a.path,
+                mcp_tool=a.mcp_tool,
+                risk=a.risk,
+                requires_approval=a.requires_approval,
+            )
+            for a in tool.actions
+        ],
+        upstream_auth_header=tool.upstream_auth_header,
+        upstream_secret=None,
+        description=tool.description,
+    )
+
+
+def owner_view(owner: Owner) -> dict[str, Any]:
+    return {
+        "id": owner.id,
+        "contact": owner.contact,
+        "roles": sorted(r.value for r in owner.roles),
+        "disabled": owner.disabled,
+        "created_at": owner.created_at.isoformat(),
+        "updated_at": owner.updated_at.isoformat(),
+    }
+
+
+def agent_view(agent: Agent) -> dict[str, Any]:
+    return {
+        "spiffe_id": agent.spiffe_id,
+        "owner": agent.owner_id,
+        "state": agent.state.value,
+        "ceiling": [{"tool": s.tool, "tier": s.tier.value} for s in sorted(agent.ceiling)],
+        "description": agent.description,
+        "created_at": agent.created_at.isoformat(),
+        "updated_at": agent.updated_at.isoformat(),
+    }
+
+
+def tool_view(tool: Tool, *, has_secret: bool) -> dict[str, Any]:
+    """A tool as the API shows it: never the secret, only whether one is set."""
+    return {
+        "id": tool.id,
+        "audience": tool.audience,
+        "upstream_url": tool.upstream_url,
+        "kind": tool.kind.value,
+        "upstream_auth_header": tool.upstream_auth_header,
+        "has_upstream_secret": has_secret,
+        "description": tool.description,
+        "actions": [
+            {
+                k: v
+                for k, v in {
+                    "name": a.name,
+                    "tier": a.tier.value,
+                    "method": a.method,
+                    "path": a.path,
+                    "mcp_tool": a.mcp_tool,
+                    "risk": a.risk.value,
+                    "requires_approval": a.requires_approval,
+                }.items()
+                if v is not None
+            }
+            for a in tool.actions
+        ],
+        "created_at": tool.created_at.isoformat(),
+        "updated_at": tool.updated_at.isoformat(),
+    }

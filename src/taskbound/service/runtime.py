@@ -1,0 +1,82 @@
+"""Wiring: build every service of one taskbound process from its settings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import httpx
+
+from taskbound.config import Settings
+from taskbound.core.clock import Clock, SystemClock
+from taskbound.core.grant import CeilingDecider, GrantDecider
+from taskbound.core.model import KeyPurpose
+from taskbound.core.secretbox import SecretBox
+from taskbound.service.broker import Broker
+from taskbound.service.identity import IdentityVerifier
+from taskbound.service.kek import load_kek
+from taskbound.service.keys import KeyManager
+from taskbound.service.registry import Registry
+from taskbound.storage import open_storage
+from taskbound.storage.base import ReplayCache, Storage
+from taskbound.storage.replay import MemoryReplayCache
+
+log = logging.getLogger("taskbound.runtime")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    storage: Storage
+    box: SecretBox
+    keys: KeyManager
+    identity: IdentityVerifier
+    registry: Registry
+    broker: Broker
+    replay: ReplayCache
+    http: httpx.AsyncClient
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        await self.storage.close()
+
+
+async def open_services(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    storage: Storage | None = None,
+    box: SecretBox | None = None,
+    decider: GrantDecider | None = None,
+) -> Services:
+    """Open storage (migrating it), load or create keys, and build the services."""
+    clock = clock or SystemClock()
+    box = box or load_kek(settings)
+    storage = storage or await open_storage(settings.storage_url)
+    try:
+        creds = settings.credentials
+        # A retiring key stays published as long as anything it signed can still be valid.
+        overlap = timedelta(seconds=creds.max_ttl_seconds + creds.clock_leeway_seconds)
+        keys = KeyManager(storage, box, clock, algorithm=settings.keys.algorithm, overlap=overlap)
+        purposes: tuple[KeyPurpose, ...] = (KeyPurpose.CREDENTIALS,)
+        if settings.identity.dev_issuer:
+            purposes += (KeyPurpose.DEV_IDENTITY,)
+        await keys.ensure(purposes)
+        http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False)
+        identity = IdentityVerifier(settings, keys, clock, http)
+        replay = MemoryReplayCache(max_entries=settings.dpop.replay_cache_max_entries)
+        broker = Broker(
+            settings, storage, keys, identity, decider or CeilingDecider(), replay, clock
+        )
+        registry = Registry(storage, box, clock)
+    except BaseException:
+        await storage.close()
+        raise
+    if settings.identity.dev_issuer:
+        log.warning(
+            "the development identity issuer is on: any holder of an admin token can mint "
+            "workload identities; turn identity.dev_issuer off in production"
+        )
+    return Services(settings, clock, storage, box, keys, identity, registry, broker, replay, http)

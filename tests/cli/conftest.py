@@ -1,0 +1,1 @@
+from tests.api.conftest import live  # noqa: F401 - the shared live-server fixture

@@ -1,0 +1,140 @@
+"""The CLI against a live server: help, registry, tasks, keys, JSON output, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from taskbound.cli.main import app
+from tests.api.conftest import Live
+
+runner = CliRunner()
+
+
+async def cli(live: Live, *args: str) -> tuple[int, str]:
+    env = {"TASKBOUND_URL": live.base, "TASKBOUND_ADMIN_TOKEN": live.admin_token}
+    result = await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+    return result.exit_code, result.output
+
+
+def test_help_lists_the_command_groups() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for group in (
+        "serve",
+        "apply",
+        "owners",
+        "agents",
+        "tools",
+        "tasks",
+        "keys",
+        "identity",
+        "admin",
+    ):
+        assert group in result.output
+
+
+async def test_registry_and_tasks_through_the_cli(live: Live, tmp_path: Path) -> None:
+    code, out = await cli(
+        live,
+        "owners",
+        "create",
+        "--id",
+        "carol",
+        "--contact",
+        "c@example.com",
+        "--role",
+        "reviewer",
+    )
+    assert code == 0, out
+    code, out = await cli(live, "owners", "list", "--json")
+    assert {o["id"] for o in json.loads(out)["owners"]} == {"alice", "bob", "carol"}
+    code, out = await cli(
+        live,
+        "agents",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/x",
+        "--owner",
+        "carol",
+        "--ceiling",
+        "issues:read",
+    )
+    assert code == 0, out
+    code, out = await cli(live, "agents", "show", "spiffe://example.org/x")
+    assert json.loads(out)["ceiling"] == [{"tool": "issues", "tier": "read"}]
+    code, out = await cli(live, "tools", "list", "--json")
+    assert "upstream-secret-never-returned" not in out
+    code, out = await cli(live, "tools", "list")
+    assert code == 0
+    assert "issues" in out
+
+    agent = await live.agent()
+    task = (await agent.start()).json()
+    code, out = await cli(live, "tasks", "list", "--json", "--state", "active")
+    assert [t["id"] for t in json.loads(out)["tasks"]] == [task["id"]]
+    code, out = await cli(live, "tasks", "show", task["id"])
+    assert len(json.loads(out)["credentials"]) == 2
+    code, out = await cli(live, "tasks", "revoke", task["id"], "--reason", "test")
+    assert code == 0
+    assert "revoked" in out
+    code, out = await cli(live, "tasks", "revoke", task["id"])
+    assert "unchanged" in out
+
+
+async def test_apply_from_yaml_and_errors(live: Live, tmp_path: Path) -> None:
+    doc = tmp_path / "reg.yaml"
+    doc.write_text("owners:\n  - {id: zed, contact: z@example.com}\n")
+    code, out = await cli(live, "apply", "-f", str(doc), "--dry-run")
+    assert code == 0
+    assert "would be created" in out
+    code, out = await cli(live, "apply", "-f", str(doc), "--json")
+    assert json.loads(out)["created"] == ["owner/zed"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("owners:\n  - {id: zed, contact: z@example.com, colour: blue}\n")
+    code, out = await cli(live, "apply", "-f", str(bad))
+    assert code == 1
+    assert "unknown_field" in out
+    code, out = await cli(live, "apply", "-f", str(tmp_path / "missing.yaml"))
+    assert code == 2
+
+
+async def test_keys_and_identity(live: Live) -> None:
+    code, out = await cli(live, "keys", "list", "--json")
+    before = {k["kid"] for k in json.loads(out)["keys"]}
+    code, out = await cli(live, "keys", "rotate", "--json")
+    assert code == 0
+    new = json.loads(out)["kid"]
+    code, out = await cli(live, "keys", "list", "--json")
+    after = json.loads(out)["keys"]
+    assert {k["kid"] for k in after} == before | {new}
+    code, out = await cli(
+        live, "identity", "mint", "--spiffe-id", "spiffe://taskbound.local/agents/bot"
+    )
+    assert code == 0
+    assert out.count(".") == 2
+
+
+async def test_missing_admin_token_is_a_clear_error(live: Live) -> None:
+    result = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        ["owners", "list"],
+        env={"TASKBOUND_URL": live.base, "TASKBOUND_ADMIN_TOKEN": ""},
+    )
+    assert result.exit_code == 2
+    assert "admin token is required" in result.output
+
+
+def test_generate_kek_and_config_check(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["keys", "generate-kek"])
+    assert result.exit_code == 0
+    assert len(result.output.strip()) == 43
+    cfg = tmp_path / "tb.toml"
+    cfg.write_text("[server]\nprot = 1\n")
+    result = runner.invoke(app, ["config", "check", "--config", str(cfg)])
+    assert result.exit_code == 1
+    assert "unknown key" in result.output

@@ -1,0 +1,45 @@
+"""The README's main job: `taskbound serve --demo` runs the whole scenario against a real
+server on SQLite, over real HTTP, in a subprocess with a fresh home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.api.conftest import free_port
+
+
+def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBOUND_")} | {
+        "HOME": str(tmp_path),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "COLUMNS": "160",
+    }
+    exe = Path(sys.executable).with_name("taskbound")
+    result = subprocess.run(
+        [str(exe), "serve", "--demo", "--exit-after-demo", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    for needle in (
+        "granted issues:read",
+        "denied deploy:admin: beyond_ceiling",
+        "refused a replayed DPoP proof: 401",
+        "now introspect as active=false",
+        "demo complete",
+    ):
+        assert needle in out, needle
+    # First start made the SQLite database in the data dir and the KEK outside it.
+    assert (tmp_path / "data" / "taskbound" / "taskbound.db").exists()
+    kek = tmp_path / "config" / "taskbound" / "kek"
+    assert kek.exists()
+    assert oct(kek.stat().st_mode & 0o777) == "0o600"
+    assert "demo-upstream-secret" not in result.stderr  # nothing secret in the logs
