@@ -171,6 +171,15 @@ class StorageError(TaskboundError):
     default_detail = "the storage backend is unavailable"
 
 
+class IdentityProviderUnavailable(TaskboundError):
+    """Trust material (a SPIFFE bundle, an OIDC issuer's JWKS or discovery document) could
+    not be obtained, so no identity token can be judged: refuse, and say it is us."""
+
+    code = "identity_provider_unavailable"
+    status = 503
+    default_detail = "the identity provider's keys cannot be obtained right now"
+
+
 class KeyUnavailable(TaskboundError):
     code = "key_unavailable"
     status = 503

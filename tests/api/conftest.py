@@ -4,6 +4,7 @@ fake clock shared by the server and the test's agents."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from taskbound.core.keys import PrivateKey, generate_key
 from taskbound.core.secretbox import generate_kek
 from taskbound.service.admin import create_admin_token
 from taskbound.service.runtime import Services, open_services
+from tests.services import postgres_url
+from tests.storage.conftest import postgres_schema
 
 AGENT = "spiffe://taskbound.local/agents/bot"
 
@@ -182,11 +185,16 @@ async def start_live(
             await services.aclose()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def live(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[Live]:
-    url = "memory://" if request.param == "memory" else f"sqlite+aiosqlite:///{tmp_path / 'tb.db'}"
-    settings = make_settings(tmp_path, storage={"url": url})
-    async for live in start_live(settings, clock):
-        yield live
+    """A live server on each real backend: SQLite, and PostgreSQL in a fresh schema."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgres":
+            url = stack.enter_context(postgres_schema(postgres_url()))
+        else:
+            url = f"sqlite+aiosqlite:///{tmp_path / 'tb.db'}"
+        settings = make_settings(tmp_path, storage={"url": url})
+        async for live in start_live(settings, clock):
+            yield live

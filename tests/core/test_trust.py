@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from taskbound.core.keys import KeyRing, private_key_to_bytes, public_jwk
-from taskbound.errors import InvalidIdentity
+from taskbound.errors import IdentityProviderUnavailable
 from taskbound.service.trust import MAX_RESPONSE_BYTES, JwksSource, discover_oidc_jwks_uri
 
 from ._crypto import NOW, key
@@ -180,10 +180,10 @@ async def test_url_source_failures(
     source = JwksSource.from_url(
         server.base + "/jwks", http=http, min_refresh=MIN_REFRESH, max_age=MAX_AGE, time_limit=0.3
     )
-    with pytest.raises(InvalidIdentity) as info:
+    with pytest.raises(IdentityProviderUnavailable) as info:
         await source.keyring(now=NOW)
     assert reason in info.value.internal
-    assert info.value.detail == InvalidIdentity.default_detail
+    assert info.value.detail == IdentityProviderUnavailable.default_detail
 
 
 async def test_connection_refused(http: httpx.AsyncClient) -> None:
@@ -193,7 +193,7 @@ async def test_connection_refused(http: httpx.AsyncClient) -> None:
     source = JwksSource.from_url(
         f"http://127.0.0.1:{port}/jwks", http=http, min_refresh=MIN_REFRESH, max_age=MAX_AGE
     )
-    with pytest.raises(InvalidIdentity) as info:
+    with pytest.raises(IdentityProviderUnavailable) as info:
         await source.keyring(now=NOW)
     assert "ConnectError" in info.value.internal
 
@@ -209,11 +209,11 @@ async def test_stale_ring_fails_closed_unless_granted_grace(
     await strict.keyring(now=NOW)
     ring = await lenient.keyring(now=NOW)
     server.serve("/jwks", b"down", status=503)
-    with pytest.raises(InvalidIdentity) as info:
+    with pytest.raises(IdentityProviderUnavailable) as info:
         await strict.keyring(now=NOW + MAX_AGE)
     assert "HTTP 503" in info.value.internal
     assert await lenient.keyring(now=NOW + MAX_AGE) is ring
-    with pytest.raises(InvalidIdentity):
+    with pytest.raises(IdentityProviderUnavailable):
         await lenient.keyring(now=NOW + MAX_AGE + timedelta(hours=1))
 
 
@@ -223,7 +223,7 @@ async def test_failures_are_not_retried_within_min_refresh(
     url = server.serve("/jwks", b"down", status=503)
     source = JwksSource.from_url(url, http=http, min_refresh=MIN_REFRESH, max_age=MAX_AGE)
     for offset in (0, 1, 29):
-        with pytest.raises(InvalidIdentity) as info:
+        with pytest.raises(IdentityProviderUnavailable) as info:
             await source.keyring(now=NOW + timedelta(seconds=offset))
         assert "HTTP 503" in info.value.internal
     assert server.hits["/jwks"] == 1
@@ -265,7 +265,7 @@ async def test_file_source_failures(tmp_path: Path, content: bytes | None, reaso
     path = tmp_path / "bundle.json"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(InvalidIdentity) as info:
+    with pytest.raises(IdentityProviderUnavailable) as info:
         await JwksSource.from_file(path).keyring(now=NOW)
     assert reason in info.value.internal
 
@@ -297,7 +297,7 @@ async def test_discovery_strips_trailing_slash_but_compares_exactly(
         "/t/.well-known/openid-configuration", {"issuer": issuer, "jwks_uri": server.base + "/k"}
     )
     assert await discover_oidc_jwks_uri(issuer, http) == server.base + "/k"
-    with pytest.raises(InvalidIdentity) as info:
+    with pytest.raises(IdentityProviderUnavailable) as info:
         await discover_oidc_jwks_uri(server.base + "/t", http)
     assert "issuer mismatch" in info.value.internal
 
@@ -320,12 +320,12 @@ async def test_discovery_failures(
     if isinstance(document, dict) and document.get("issuer") == "ISSUER":
         document = {**document, "issuer": issuer}
     server.serve("/idp/.well-known/openid-configuration", document)
-    with pytest.raises(InvalidIdentity) as info:
+    with pytest.raises(IdentityProviderUnavailable) as info:
         await discover_oidc_jwks_uri(issuer, http)
     assert reason in info.value.internal
 
 
 async def test_discovery_of_unreachable_issuer(server: Server, http: httpx.AsyncClient) -> None:
-    with pytest.raises(InvalidIdentity) as info:
+    with pytest.raises(IdentityProviderUnavailable) as info:
         await discover_oidc_jwks_uri(server.base + "/nobody", http)
     assert "HTTP 404" in info.value.internal

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import httpx
 
@@ -20,28 +21,45 @@ from taskbound.core.clock import Clock
 from taskbound.core.identity import (
     OIDCRule,
     WorkloadIdentity,
+    parse_spiffe_id,
     unverified_issuer,
     verify_jwt_svid,
     verify_oidc_token,
 )
 from taskbound.core.keys import KeyRing
 from taskbound.core.model import KeyPurpose
-from taskbound.errors import InvalidIdentity
+from taskbound.errors import ConfigError, InvalidIdentity
 from taskbound.service.keys import KeyManager
 from taskbound.service.trust import JwksSource, discover_oidc_jwks_uri
 
 
+def _unverified_part(raw: str, index: int) -> dict[str, Any]:
+    """A JWS header (0) or payload (1), UNVERIFIED: only to choose which trust material to
+    verify against. Everything read here is checked again by the verifier."""
+    parts = raw.split(".")
+    if len(parts) != 3 or len(parts[index]) > 8192:
+        return {}
+    segment = parts[index]
+    try:
+        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _unverified_kid(raw: str) -> str | None:
-    """The header's ``kid``, unverified, only to decide whether a key refresh may help."""
-    head = raw.split(".", 1)[0]
-    if len(head) > 2048:
+    kid = _unverified_part(raw, 0).get("kid")
+    return kid if isinstance(kid, str) else None
+
+
+def _unverified_trust_domain(raw: str) -> str | None:
+    sub = _unverified_part(raw, 1).get("sub")
+    if not isinstance(sub, str):
         return None
     try:
-        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, UnicodeDecodeError):
+        return parse_spiffe_id(sub).trust_domain
+    except ValueError:
         return None
-    kid = header.get("kid") if isinstance(header, dict) else None
-    return kid if isinstance(kid, str) else None
 
 
 @dataclass
@@ -69,6 +87,10 @@ class IdentityVerifier:
         min_refresh = timedelta(seconds=ident.jwks_min_refresh_seconds)
         self._domains: dict[str, JwksSource] = {}
         for td in ident.trust_domains:
+            if ident.dev_issuer and td.name == ident.dev_trust_domain:
+                raise ConfigError(
+                    f"trust domain {td.name!r} is also the development issuer's trust domain"
+                )
             if td.jwks_file is not None:
                 self._domains[td.name] = JwksSource.from_file(td.jwks_file)
             else:
@@ -92,15 +114,6 @@ class IdentityVerifier:
         self._min_refresh = min_refresh
         self._refresh = refresh
 
-    async def _bundles(self) -> dict[str, KeyRing]:
-        now = self._clock.now()
-        bundles = {name: await src.keyring(now=now) for name, src in self._domains.items()}
-        if self._settings.identity.dev_issuer:
-            bundles[self._settings.identity.dev_trust_domain] = self._keys.keyring(
-                KeyPurpose.DEV_IDENTITY
-            )
-        return bundles
-
     async def _oidc_source(self, issuer: _OIDCIssuer) -> JwksSource:
         if issuer.source is None:
             url = issuer.jwks_url or await discover_oidc_jwks_uri(issuer.rule.issuer, self._http)
@@ -110,16 +123,21 @@ class IdentityVerifier:
         return issuer.source
 
     async def verify(self, raw: str) -> WorkloadIdentity:
-        """Verify a workload identity token; raises :class:`InvalidIdentity`."""
+        """Verify a workload identity token.
+
+        Raises :class:`InvalidIdentity` for a token that fails against good trust material
+        and :class:`IdentityProviderUnavailable` when that material cannot be obtained.
+        Only the trust domain named by the token's own ``sub`` is consulted, so one
+        unreachable domain does not stop the agents of the others."""
         if not raw or len(raw) > 8192:
             raise InvalidIdentity(internal="identity token missing or too long")
         iss = unverified_issuer(raw)
         issuer = self._oidc.get(iss) if iss is not None else None
         if issuer is not None:
-            source = await self._oidc_source(issuer)
+            oidc_source = await self._oidc_source(issuer)
             return await self._with_refresh(
                 raw,
-                source,
+                oidc_source,
                 lambda ring: verify_oidc_token(
                     raw,
                     rule=issuer.rule,
@@ -128,20 +146,20 @@ class IdentityVerifier:
                     leeway=self._leeway,
                 ),
             )
-        bundles = await self._bundles()
-        try:
-            return self._verify_svid(raw, bundles)
-        except InvalidIdentity:
-            # An unknown kid from a URL-backed trust domain may be a key the domain has just
-            # rotated in: refetch its bundle (rate-limited by the source) and try once more.
-            kid = _unverified_kid(raw)
-            refreshed = False
-            for name, src in self._domains.items():
-                if kid is not None and kid not in bundles[name].kids():
-                    refreshed |= await src.refresh_for_unknown_kid(now=self._clock.now())
-            if not refreshed:
-                raise
-            return self._verify_svid(raw, await self._bundles())
+        domain = _unverified_trust_domain(raw)
+        if domain is None:
+            raise InvalidIdentity(internal="sub is not a SPIFFE ID of a trusted domain")
+        source = self._domains.get(domain)
+        if source is not None:
+            return await self._with_refresh(
+                raw, source, lambda ring: self._verify_svid(raw, {domain: ring})
+            )
+        if (
+            self._settings.identity.dev_issuer
+            and domain == self._settings.identity.dev_trust_domain
+        ):
+            return self._verify_svid(raw, {domain: self._keys.keyring(KeyPurpose.DEV_IDENTITY)})
+        raise InvalidIdentity(internal=f"trust domain {domain!r} is not trusted")
 
     def _verify_svid(self, raw: str, bundles: Mapping[str, KeyRing]) -> WorkloadIdentity:
         return verify_jwt_svid(

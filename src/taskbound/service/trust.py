@@ -4,7 +4,7 @@ The adapter half of workload identity (DESIGN.md §3.2): :mod:`taskbound.core.id
 verifies tokens against a :class:`~taskbound.core.keys.KeyRing`; this module loads and
 refreshes those rings. Responses are size-capped and time-limited, redirects are not
 followed, and every failure on the request path is an
-:class:`~taskbound.errors.InvalidIdentity` whose ``internal`` says what went wrong. A
+:class:`~taskbound.errors.IdentityProviderUnavailable` whose ``internal`` says what went wrong. A
 source whose material cannot be refreshed fails closed (DESIGN.md invariant 1) unless the
 operator grants a ``stale_grace``.
 """
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from taskbound.core.keys import KeyRing
-from taskbound.errors import InvalidIdentity
+from taskbound.errors import IdentityProviderUnavailable
 
 __all__ = ["MAX_RESPONSE_BYTES", "JwksSource", "discover_oidc_jwks_uri"]
 
@@ -41,11 +41,11 @@ async def _get_json(http: httpx.AsyncClient, url: str, *, time_limit: float, wha
         async with asyncio.timeout(time_limit):
             body = await _fetch(http, url, time_limit=time_limit, what=what)
     except TimeoutError:
-        raise InvalidIdentity(internal=f"{what} {url}: timed out") from None
+        raise IdentityProviderUnavailable(internal=f"{what} {url}: timed out") from None
     try:
         return json.loads(bytes(body))
     except (ValueError, RecursionError):
-        raise InvalidIdentity(internal=f"{what} {url}: not JSON") from None
+        raise IdentityProviderUnavailable(internal=f"{what} {url}: not JSON") from None
 
 
 async def _fetch(http: httpx.AsyncClient, url: str, *, time_limit: float, what: str) -> bytes:
@@ -58,17 +58,19 @@ async def _fetch(http: httpx.AsyncClient, url: str, *, time_limit: float, what: 
             headers={"Accept": "application/json"},
         ) as response:
             if response.status_code != httpx.codes.OK:
-                raise InvalidIdentity(internal=f"{what} {url}: HTTP {response.status_code}")
+                raise IdentityProviderUnavailable(
+                    internal=f"{what} {url}: HTTP {response.status_code}"
+                )
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-                raise InvalidIdentity(internal=f"{what} {url}: response too large")
+                raise IdentityProviderUnavailable(internal=f"{what} {url}: response too large")
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
                 if len(body) > MAX_RESPONSE_BYTES:
-                    raise InvalidIdentity(internal=f"{what} {url}: response too large")
+                    raise IdentityProviderUnavailable(internal=f"{what} {url}: response too large")
     except httpx.HTTPError as exc:
-        raise InvalidIdentity(internal=f"{what} {url}: {type(exc).__name__}") from None
+        raise IdentityProviderUnavailable(internal=f"{what} {url}: {type(exc).__name__}") from None
     return bytes(body)
 
 
@@ -76,7 +78,7 @@ def _read_capped(path: Path) -> bytes:
     with path.open("rb") as handle:
         data = handle.read(MAX_RESPONSE_BYTES + 1)
     if len(data) > MAX_RESPONSE_BYTES:
-        raise InvalidIdentity(internal=f"jwks file {path}: too large")
+        raise IdentityProviderUnavailable(internal=f"jwks file {path}: too large")
     return data
 
 
@@ -84,7 +86,7 @@ def _keyring(document: Any, location: str) -> KeyRing:
     try:
         return KeyRing.from_jwks(document)
     except ValueError as exc:
-        raise InvalidIdentity(internal=f"jwks {location}: {exc}") from None
+        raise IdentityProviderUnavailable(internal=f"jwks {location}: {exc}") from None
 
 
 class JwksSource:
@@ -136,9 +138,11 @@ class JwksSource:
                 data = await asyncio.to_thread(_read_capped, file)
                 document = json.loads(data)
             except OSError as exc:
-                raise InvalidIdentity(internal=f"jwks file {file}: {type(exc).__name__}") from None
+                raise IdentityProviderUnavailable(
+                    internal=f"jwks file {file}: {type(exc).__name__}"
+                ) from None
             except (ValueError, RecursionError):
-                raise InvalidIdentity(internal=f"jwks file {file}: not JSON") from None
+                raise IdentityProviderUnavailable(internal=f"jwks file {file}: not JSON") from None
             return _keyring(document, str(file))
 
         return cls(load, location=str(file), min_refresh=min_refresh, max_age=max_age)
@@ -179,7 +183,7 @@ class JwksSource:
         self._attempted_at = now
         try:
             ring = await self._load()
-        except InvalidIdentity as exc:
+        except IdentityProviderUnavailable as exc:
             self.last_error = exc.internal
             raise
         self._ring, self._loaded_at, self.last_error = ring, now, None
@@ -188,7 +192,7 @@ class JwksSource:
     async def keyring(self, *, now: datetime) -> KeyRing:
         """The current ring, reloaded when older than ``max_age``.
 
-        Raises :class:`~taskbound.errors.InvalidIdentity` when no usable ring exists.
+        Raises :class:`~taskbound.errors.IdentityProviderUnavailable` when no usable ring exists.
         """
         ring = self._fresh(now, self._max_age)
         if ring is not None:
@@ -205,12 +209,14 @@ class JwksSource:
             if not recently_failed:
                 try:
                     return await self._reload(now)
-                except InvalidIdentity:
+                except IdentityProviderUnavailable:
                     pass
             stale = self._fresh(now, self._max_age + self._stale_grace)
             if stale is not None:
                 return stale
-            raise InvalidIdentity(internal=self.last_error or f"jwks {self.location}: unavailable")
+            raise IdentityProviderUnavailable(
+                internal=self.last_error or f"jwks {self.location}: unavailable"
+            )
 
     async def refresh_for_unknown_kid(self, *, now: datetime) -> bool:
         """Refetch because a token named a ``kid`` the ring lacks; at most once per
@@ -221,7 +227,7 @@ class JwksSource:
                 return False
             try:
                 await self._reload(now)
-            except InvalidIdentity:
+            except IdentityProviderUnavailable:
                 return False
             return True
 
@@ -235,19 +241,21 @@ async def discover_oidc_jwks_uri(
     removed, §4.1), requires the document's ``issuer`` to equal ``issuer`` exactly (§4.3,
     against issuer mix-up) and ``jwks_uri`` to be an absolute https URL (http only when the
     issuer itself is http, i.e. a development setup). Raises
-    :class:`~taskbound.errors.InvalidIdentity` on any failure.
+    :class:`~taskbound.errors.IdentityProviderUnavailable` on any failure.
     """
     url = issuer.rstrip("/") + _DISCOVERY_PATH
     document = await _get_json(http, url, time_limit=time_limit, what="openid-configuration")
     if not isinstance(document, dict):
-        raise InvalidIdentity(internal=f"openid-configuration {url}: not a JSON object")
+        raise IdentityProviderUnavailable(internal=f"openid-configuration {url}: not a JSON object")
     if document.get("issuer") != issuer:
-        raise InvalidIdentity(internal=f"openid-configuration {url}: issuer mismatch")
+        raise IdentityProviderUnavailable(internal=f"openid-configuration {url}: issuer mismatch")
     jwks_uri = document.get("jwks_uri")
     if not isinstance(jwks_uri, str) or not jwks_uri:
-        raise InvalidIdentity(internal=f"openid-configuration {url}: no jwks_uri")
+        raise IdentityProviderUnavailable(internal=f"openid-configuration {url}: no jwks_uri")
     scheme = urlsplit(jwks_uri).scheme
     allowed = {"https", "http"} if urlsplit(issuer).scheme == "http" else {"https"}
     if scheme not in allowed or not urlsplit(jwks_uri).netloc:
-        raise InvalidIdentity(internal=f"openid-configuration {url}: jwks_uri not https")
+        raise IdentityProviderUnavailable(
+            internal=f"openid-configuration {url}: jwks_uri not https"
+        )
     return jwks_uri
