@@ -172,7 +172,10 @@ async def start_live(
         assert not task.done(), "server failed to start"
         await asyncio.sleep(0.01)
     token = (await create_admin_token(services.storage, clock, "tests")).token
-    async with httpx.AsyncClient(base_url=settings.public_url, timeout=10) as http:
+    # Connect to this replica's own port; proofs and issuer use the shared public URL, as
+    # behind a load balancer.
+    direct = f"http://127.0.0.1:{settings.server.port}"
+    async with httpx.AsyncClient(base_url=direct, timeout=10) as http:
         live = Live(settings.public_url, services, clock, http, token)
         if registry:
             r = await http.post("/v1/admin/apply", json=REGISTRY, headers=live.admin)

@@ -138,3 +138,33 @@ def test_generate_kek_and_config_check(tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "check", "--config", str(cfg)])
     assert result.exit_code == 1
     assert "unknown key" in result.output
+
+
+def test_admin_init_creates_one_hashed_token(tmp_path: Path) -> None:
+    import hashlib
+
+    from taskbound.storage import open_storage
+
+    cfg = tmp_path / "tb.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    result = runner.invoke(app, ["admin", "init", "--config", str(cfg), "--json"])
+    assert result.exit_code == 0, result.output
+    token = json.loads(result.output)["token"]
+    assert token.startswith("tbat_")
+    again = runner.invoke(app, ["admin", "init", "--config", str(cfg)])
+    assert again.exit_code == 1
+    assert "exists already" in again.output
+    forced = runner.invoke(app, ["admin", "init", "--config", str(cfg), "--force", "--json"])
+    assert forced.exit_code == 0
+
+    async def stored() -> list[str]:
+        storage = await open_storage(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'taskbound.db'}")
+        try:
+            return [t.token_hash for t in await storage.list_admin_tokens()]
+        finally:
+            await storage.close()
+
+    hashes = asyncio.run(stored())
+    assert len(hashes) == 2
+    assert hashlib.sha256(token.encode()).hexdigest() in hashes
+    assert token not in (tmp_path / "data" / "taskbound.db").read_bytes().decode("latin-1")
