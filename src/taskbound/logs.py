@@ -31,14 +31,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+def _printable(value: Any) -> str:
+    """Text safe for one console line: values that carry control characters (which could
+    forge or hide log lines) are shown escaped."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
-            f"{k}={v}"
+            f"{k}={_printable(v)}"
             for k, v in vars(record).items()
             if k not in _STANDARD and not k.startswith("_")
         )
-        line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        line = f"{record.levelname.lower():7} {record.name}: {_printable(record.getMessage())}"
         return f"{line}  {extras}" if extras else line
 
 

@@ -966,3 +966,80 @@ async def test_load_grant_inputs_reads_one_snapshot(storage: Storage, clock: Fak
     assert (missing.agent, missing.owner, dict(missing.tools)) == (None, None, {})
     nul = await storage.load_grant_inputs(AGENT + "\x00", "alice\x00", ["github\x00"])
     assert (nul.agent, nul.owner, dict(nul.tools)) == (None, None, {})
+
+
+# --- a non-active agent or a disabled owner has no live task ----------------------------
+
+
+async def seeded(storage: Storage, now: datetime) -> Task:
+    await storage.create_owner(make_owner(now))
+    await storage.create_agent(make_agent(now))
+    task = make_task(now)
+    assert await storage.create_task(task, [make_credential(task, "c1", now)]) is True
+    return task
+
+
+@pytest.mark.parametrize(
+    "state", [AgentState.SUSPENDED, AgentState.QUARANTINED, AgentState.RETIRED]
+)
+async def test_leaving_active_revokes_the_agents_tasks_for_good(
+    storage: Storage, clock: FakeClock, state: AgentState
+) -> None:
+    task = await seeded(storage, clock.now())
+    later = clock.advance(5)
+    await storage.update_agent(make_agent(clock.now(), state=state, updated_at=later))
+    got = await storage.get_task(task.id)
+    assert got is not None
+    assert got.state is TaskState.REVOKED
+    assert got.end_reason == f"agent {state.value}"
+    assert got.ended_at == later
+    (cred,) = await storage.list_credentials(task.id)
+    assert cred.revoked_at == later
+    # Re-activating brings nothing back.
+    await storage.update_agent(make_agent(clock.now(), updated_at=clock.advance(5)))
+    assert (await storage.get_task(task.id)).state is TaskState.REVOKED  # type: ignore[union-attr]
+    assert (await storage.get_credential("c1")).revoked_at == later  # type: ignore[union-attr]
+
+
+async def test_set_agent_state_revokes_too(storage: Storage, clock: FakeClock) -> None:
+    task = await seeded(storage, clock.now())
+    await storage.set_agent_state(AGENT, AgentState.QUARANTINED, clock.advance(1))
+    assert (await storage.get_task(task.id)).state is TaskState.REVOKED  # type: ignore[union-attr]
+    assert await storage.create_task(make_task(clock.now(), "task-2"), []) is False
+    assert await storage.get_task("task-2") is None
+
+
+async def test_disabling_the_owner_revokes_its_tasks(storage: Storage, clock: FakeClock) -> None:
+    task = await seeded(storage, clock.now())
+    await storage.update_owner(make_owner(clock.now(), disabled=True, updated_at=clock.advance(1)))
+    got = await storage.get_task(task.id)
+    assert got is not None
+    assert got.state is TaskState.REVOKED
+    assert got.end_reason == "owner disabled"
+    assert await storage.create_task(make_task(clock.now(), "task-2"), []) is False
+    # Another owner's update revokes nothing.
+    await storage.create_owner(make_owner(clock.now(), "bob"))
+    await storage.update_owner(make_owner(clock.now(), "bob", contact="b@x"))
+
+
+async def test_create_task_races_with_suspension(backend: Backend, clock: FakeClock) -> None:
+    """Whatever the interleaving, a suspended agent is never left with a live task."""
+    now = clock.now()
+    await backend.storage.create_owner(make_owner(now))
+    await backend.storage.create_agent(make_agent(now))
+    writers = [backend.another() for _ in range(6)]
+    suspender = backend.another()
+
+    async def start(i: int) -> bool:
+        task = make_task(now, f"race-{i}")
+        return await writers[i].create_task(task, [make_credential(task, f"rc-{i}", now)])
+
+    async def suspend() -> None:
+        await suspender.update_agent(make_agent(now, state=AgentState.SUSPENDED, updated_at=now))
+
+    await asyncio.gather(*(start(i) for i in range(6)), suspend())
+    for task in await backend.storage.list_tasks(TaskFilter(agent_id=AGENT)):
+        assert task.state is TaskState.REVOKED
+        assert all(
+            c.revoked_at is not None for c in await backend.storage.list_credentials(task.id)
+        )

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from taskbound.api.http import (
     LimitsMiddleware,
     bearer,
+    flag,
     json_response,
     log_refusal,
     oauth_error,
@@ -64,7 +65,9 @@ log = logging.getLogger("taskbound.api")
 
 # --- request bodies ----------------------------------------------------------------------
 
-ConstraintValue = str | int | bool | list[str]
+# Constraints travel inside every credential: keep them small and flat.
+ShortText = Annotated[str, Field(max_length=256)]
+ConstraintValue = ShortText | int | bool | Annotated[list[ShortText], Field(max_length=32)]
 
 
 class _Body(BaseModel):
@@ -441,7 +444,7 @@ def create_app(
     async def apply(request: Request) -> Response:
         await admin(request)
         doc = await read_json(request, RegistryDocument)
-        dry_run = request.query_params.get("dry_run") in ("1", "true")
+        dry_run = flag(request.query_params.get("dry_run"), "dry_run")
         result = await svc().registry.apply(doc, dry_run=dry_run)
         return json_response(
             {
@@ -461,10 +464,12 @@ def create_app(
                 agent_id=q.get("agent"),
                 owner_id=q.get("owner"),
                 state=TaskState(q["state"]) if "state" in q else None,
-                limit=min(int(q.get("limit", "100")), 1000),
+                limit=int(q.get("limit", "100")),
             )
         except ValueError:
             raise InvalidRequest("bad filter: state must be a task state, limit a number") from None
+        if not 1 <= flt.limit <= 1000:
+            raise InvalidRequest("limit must be between 1 and 1000")
         now = svc().clock.now()
         return json_response(
             {"tasks": [task_view(t, now) for t in await svc().storage.list_tasks(flt)]}
@@ -514,7 +519,10 @@ def create_app(
     @route("/v1/admin/keys/rotate", methods=["POST"])
     async def rotate(request: Request) -> Response:
         await admin(request)
-        purpose = KeyPurpose(request.query_params.get("purpose", "credentials"))
+        try:
+            purpose = KeyPurpose(request.query_params.get("purpose", "credentials"))
+        except ValueError:
+            raise InvalidRequest("purpose must be credentials or dev_identity") from None
         new = await svc().keys.rotate(purpose)
         return json_response({"kid": new.kid, "alg": new.alg, "purpose": new.purpose.value}, 201)
 

@@ -138,11 +138,39 @@ async def read_json(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers malformed JSON, bad UTF-8 and integers too long to convert;
+        # RecursionError, nesting deeper than the parser allows.
         raise InvalidRequest(f"the body is not valid JSON: {exc.__class__.__name__}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
+    _check_text(data)
     return validate(model, data)
+
+
+def _check_text(value: Any, depth: int = 0) -> None:
+    """Refuse text no store can keep faithfully: NUL characters and lone surrogates."""
+    if depth > 32:
+        raise InvalidRequest("the body is nested too deeply")
+    if isinstance(value, str):
+        if "\x00" in value or any("\ud800" <= ch <= "\udfff" for ch in value):
+            raise InvalidRequest("text must not contain NUL characters or lone surrogates")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, depth + 1)
+            _check_text(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, depth + 1)
+
+
+def flag(value: str | None, name: str) -> bool:
+    """A boolean query parameter: absent, 0/false or 1/true; anything else is refused."""
+    if value is None or value in ("0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise InvalidRequest(f"{name} must be true or false")
 
 
 def validate(model: type[M], data: Any) -> M:

@@ -59,7 +59,11 @@ def serve(
     from taskbound.logs import configure_logging
     from taskbound.server import run_server
 
-    configure_logging(settings.logging.level, "console" if demo else settings.logging.format)
+    # The demo shows the server's refusals (with their reasons) beside its own output.
+    if demo:
+        configure_logging("warning", "console")
+    else:
+        configure_logging(settings.logging.level, settings.logging.format)
     with handled():
         ok = asyncio.run(run_server(settings, demo=demo, exit_after_demo=exit_after_demo))
     if not ok:

@@ -43,11 +43,14 @@ from taskbound.errors import (
     TTLExceedsCap,
     UnknownAgent,
 )
-from taskbound.service.identity import IdentityVerifier
+from taskbound.service.identity import IdentityVerifier, unverified_kid
 from taskbound.service.keys import KeyManager
 from taskbound.storage.base import ReplayCache, Storage
 
 log = logging.getLogger("taskbound.broker")
+
+# The length verify_credential accepts by default: every issued credential must verify.
+MAX_CREDENTIAL_LENGTH = 8192
 
 _REFUSAL_ERRORS: Mapping[str, type[TaskboundError]] = {
     "agent_not_active": AgentNotActive,
@@ -151,6 +154,13 @@ class Broker:
             algorithms=self._settings.dpop.algorithms,
             iat_window=self._iat_window,
         )
+        # Only a registered, active agent may spend an entry of the replay cache, so that a
+        # stranger with a valid identity cannot fill it and lock the agents out.
+        agent = await self._storage.get_agent(identity.spiffe_id)
+        if agent is None:
+            raise UnknownAgent(internal=f"no agent registered for {identity.spiffe_id}")
+        if agent.state is not AgentState.ACTIVE:
+            raise AgentNotActive(internal=f"agent state is {agent.state.value}")
         # The proof stays acceptable until iat + window; remember its jti that long.
         expires = proof.issued_at + self._iat_window + self._leeway
         if await self._replay.seen(f"dpop:{proof.jkt}:{proof.jti}", expires, now):
@@ -204,7 +214,9 @@ class Broker:
         issued = tuple(
             self._mint(task, grant, now, tools[grant.tool].audience) for grant in task.granted
         )
-        await self._storage.create_task(task, [c.record for c in issued])
+        if not await self._storage.create_task(task, [c.record for c in issued]):
+            # The agent was suspended or its owner disabled while we decided.
+            raise AgentNotActive(internal="agent or owner changed state during task start")
         log.info(
             "task started",
             extra={
@@ -243,6 +255,9 @@ class Broker:
             jkt=task.jkt,
         )
         token = mint_credential(claims, signer)
+        if len(token) > MAX_CREDENTIAL_LENGTH:
+            # Every verifier caps token length; never issue what cannot be verified.
+            raise InvalidRequest("the task's intent is too large to fit in a credential")
         record = CredentialRecord(
             jti=claims.jti,
             task_id=task.id,
@@ -277,19 +292,14 @@ class Broker:
         now = self._clock.now()
         if task.state_at(now) is not TaskState.ACTIVE:
             raise TaskNotActive(f"the task is {task.state_at(now).value}")
-        agent = await self._storage.get_agent(task.agent_id)
-        if agent is None or agent.state is not AgentState.ACTIVE:
-            raise AgentNotActive(internal=f"agent {task.agent_id} is not active")
-        grant = task.grant_for(tool, tier)
-        if grant is None:
+        granted = task.grant_for(tool, tier)
+        if granted is None:
             raise Forbidden(
                 f"the task was not granted {tool}:{tier.value}",
                 internal=f"credential refresh for ungranted {tool}:{tier.value}",
             )
-        tool_row = await self._storage.get_tool(tool)
-        if tool_row is None:
-            raise Forbidden("the tool is no longer registered")
-        issued = self._mint(task, grant, now, tool_row.audience)
+        grant, audience = await self._regrant(task, granted, now)
+        issued = self._mint(task, grant, now, audience)
         if not await self._storage.add_credential(issued.record, now):
             raise TaskNotActive("the task is no longer active")
         log.info(
@@ -297,6 +307,50 @@ class Broker:
             extra={"event": "credential.issued", "task_id": task.id, "jti": issued.record.jti},
         )
         return issued
+
+    async def _regrant(
+        self, task: Task, granted: ScopeGrant, now: datetime
+    ) -> tuple[ScopeGrant, str]:
+        """Decide a refresh again on today's registry: the agent, owner, ceiling and the
+        tool's tiers as they are now. The result is the task's grant narrowed to what is
+        still allowed (actions moved to another tier drop out); it never widens."""
+        inputs = await self._storage.load_grant_inputs(task.agent_id, task.owner_id, [granted.tool])
+        tool = inputs.tools.get(granted.tool)
+        if inputs.agent is None or tool is None:
+            raise Forbidden("the task's agent or tool is no longer registered")
+        still = {a.name for a in tool.actions_of(granted.tier)}
+        actions = tuple(a for a in granted.actions if a in still)
+        if not actions:
+            raise Forbidden(
+                f"{granted.tool}:{granted.tier.value} no longer offers the task's actions",
+                internal=f"refresh: no granted action left in {granted.tool}:{granted.tier.value}",
+            )
+        decision = self._decider.decide(
+            GrantRequest(
+                agent=inputs.agent,
+                owner=inputs.owner,
+                owner_id=task.owner_id,
+                purpose=task.purpose,
+                constraints=task.constraints,
+                scopes=(ScopeRequest(granted.tool, granted.tier, actions),),
+                ttl=task.expires_at - now,
+                tools=inputs.tools,
+                now=now,
+            )
+        )
+        if decision.refusal is not None:
+            raise _REFUSAL_ERRORS.get(decision.refusal.code, Forbidden)(
+                internal=f"refresh refused: {decision.refusal.reason}"
+            )
+        if not decision.granted:
+            raise Forbidden(
+                f"{granted.tool}:{granted.tier.value} is no longer allowed for this task",
+                internal="refresh denied: " + "; ".join(d.reason for d in decision.denied),
+            )
+        (grant,) = decision.granted
+        if not set(grant.actions) <= set(granted.actions) or grant.scope != granted.scope:
+            raise Forbidden(internal="refresh decision tried to widen the grant")
+        return grant, tool.audience
 
     async def task_for_agent(self, caller: AgentCaller, task_id: str) -> Task:
         return await self._own_task(caller, task_id)
@@ -345,8 +399,10 @@ class Broker:
         try:
             return verify_credential(token, keys=self._keys.keyring(), **kwargs)
         except InvalidToken:
-            # A rotation made by another replica may have brought a key we do not hold yet.
-            await self._keys.reload()
+            # A rotation made by another replica may have brought a key we do not hold yet;
+            # only a well-formed token naming an unknown kid is worth a (rate-limited) reload.
+            if not await self._keys.reload_for_unknown_kid(unverified_kid(token)):
+                raise
             return verify_credential(token, keys=self._keys.keyring(), **kwargs)
 
     async def introspect(self, token: str) -> dict[str, Any]:
@@ -360,14 +416,25 @@ class Broker:
         now = self._clock.now()
         record = await self._storage.get_credential(claims.jti)
         task = await self._storage.get_task(claims.task_id)
-        agent = await self._storage.get_agent(claims.subject)
+        inputs = await self._storage.load_grant_inputs(
+            claims.subject, claims.owner_id, [claims.tool]
+        )
+        tool = inputs.tools.get(claims.tool)
         if (
             record is None
             or not record.live_at(now)
+            # The record and the token must describe the same credential, and the token's
+            # audience must still be its own tool's: a credential never moves to another.
+            or (record.task_id, record.tool, record.tier)
+            != (claims.task_id, claims.tool, claims.tier)
+            or tool is None
+            or tool.audience != claims.audience
             or task is None
             or task.state_at(now) is not TaskState.ACTIVE
-            or agent is None
-            or agent.state is not AgentState.ACTIVE
+            or inputs.agent is None
+            or inputs.agent.state is not AgentState.ACTIVE
+            or inputs.owner is None
+            or inputs.owner.disabled
         ):
             return inactive
         return {

@@ -47,7 +47,7 @@ def _unverified_part(raw: str, index: int) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _unverified_kid(raw: str) -> str | None:
+def unverified_kid(raw: str) -> str | None:
     kid = _unverified_part(raw, 0).get("kid")
     return kid if isinstance(kid, str) else None
 
@@ -181,7 +181,7 @@ class IdentityVerifier:
         try:
             return verify(ring)
         except InvalidIdentity:
-            kid = _unverified_kid(raw)
+            kid = unverified_kid(raw)
             if kid is None or kid in ring.kids():
                 raise
             if not await source.refresh_for_unknown_kid(now=self._clock.now()):

@@ -62,6 +62,7 @@ class KeyManager:
         self._algorithm = algorithm
         self._overlap = overlap
         self._keys: dict[KeyPurpose, _PurposeKeys] = {}
+        self._reloaded_at: datetime | None = None
 
     def _seal(self, key: PrivateKey, purpose: KeyPurpose, now: datetime) -> SigningKey:
         return SigningKey(
@@ -108,6 +109,19 @@ class KeyManager:
                 signer, ring, tuple(dict(k.public_jwk) for k in published)
             )
         self._keys = loaded
+        self._reloaded_at = now
+
+    async def reload_for_unknown_kid(self, kid: str | None) -> bool:
+        """Reload when a token names a ``kid`` we do not hold (another replica may have
+        rotated), at most once a second. True when a reload happened."""
+        now = self._clock.now()
+        held = {k for keys in self._keys.values() for k in keys.ring.kids()}
+        if kid is None or kid in held:
+            return False
+        if self._reloaded_at is not None and now - self._reloaded_at < timedelta(seconds=1):
+            return False
+        await self.reload()
+        return True
 
     def _open(self, stored: SigningKey) -> PrivateKey:
         plain = self._box.decrypt(stored.private_ciphertext, aad=_aad(stored.kid))

@@ -7,6 +7,7 @@ returned by any read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -223,18 +224,7 @@ class Registry:
             audience=spec.audience,
             upstream_url=spec.upstream_url,
             kind=spec.kind,
-            actions=tuple(
-                Action(
-                    name=a.name,
-                    tier=a.tier,
-                    method=a.method,
-                    path=a.path,
-                    mcp_tool=a.mcp_tool,
-                    risk=a.risk,
-                    requires_approval=a.requires_approval,
-                )
-                for a in spec.actions
-            ),
+            actions=tuple(Action(**a.model_dump()) for a in spec.actions),
             created_at=created_at or now,
             updated_at=now,
             upstream_auth_header=spec.upstream_auth_header,
@@ -266,6 +256,13 @@ class Registry:
         old = await self._storage.get_tool(spec.id)
         if old is None:
             raise NotFound(f"no tool {spec.id!r}")
+        if old.audience != spec.audience:
+            # An audience names one destination for as long as any credential for it may
+            # live; it never moves, so it can never be handed to another tool.
+            raise InvalidRequest(
+                f"tool {spec.id!r} keeps its audience {old.audience!r}; register a new tool "
+                "for a new audience"
+            )
         await self._check_audience_unique(spec)
         tool = self._tool(spec, old.created_at)
         await self._storage.update_tool(tool, self._seal_secret(spec))
@@ -438,18 +435,7 @@ def _spec_of(tool: Tool) -> ToolSpec:
         audience=tool.audience,
         upstream_url=tool.upstream_url,
         kind=tool.kind,
-        actions=[
-            ActionSpec(
-                name=a.name,
-                tier=a.tier,
-                method=a.method,
-                path=a.path,
-                mcp_tool=a.mcp_tool,
-                risk=a.risk,
-                requires_approval=a.requires_approval,
-            )
-            for a in tool.actions
-        ],
+        actions=[ActionSpec.model_validate(dataclasses.asdict(a)) for a in tool.actions],
         upstream_auth_header=tool.upstream_auth_header,
         upstream_secret=None,
         description=tool.description,

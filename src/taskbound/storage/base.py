@@ -44,7 +44,11 @@ class RegistryStore(Protocol):
     """Owners, agents and tools (DESIGN.md §2)."""
 
     async def create_owner(self, owner: Owner) -> None: ...
-    async def update_owner(self, owner: Owner) -> None: ...
+    async def update_owner(self, owner: Owner) -> None:
+        """Disabling an owner (``disabled=True``) ends every ACTIVE task on its behalf as
+        REVOKED, with their credentials, in the same transaction (at ``updated_at``)."""
+        ...
+
     async def get_owner(self, owner_id: str) -> Owner | None: ...
     async def list_owners(self) -> list[Owner]: ...
 
@@ -52,14 +56,20 @@ class RegistryStore(Protocol):
         """Raises ReferenceError_ when ``agent.owner_id`` is not a registered owner."""
         ...
 
-    async def update_agent(self, agent: Agent) -> None: ...
+    async def update_agent(self, agent: Agent) -> None:
+        """An agent that is not ACTIVE has no live task: a state other than ACTIVE ends every
+        ACTIVE task of the agent as REVOKED, with their credentials, in the same
+        transaction (at ``updated_at``). Re-activating brings none of them back."""
+        ...
+
     async def get_agent(self, spiffe_id: str) -> Agent | None: ...
     async def list_agents(self, owner_id: str | None = None) -> list[Agent]: ...
 
     async def set_agent_state(
         self, spiffe_id: str, state: AgentState, now: datetime
     ) -> Agent | None:
-        """Set the state (and ``updated_at``); None when the agent does not exist."""
+        """Set the state (and ``updated_at``); None when the agent does not exist. A state
+        other than ACTIVE revokes the agent's tasks as ``update_agent`` does."""
         ...
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None: ...
@@ -108,8 +118,10 @@ class KeyStore(Protocol):
 class TaskStore(Protocol):
     """Tasks and the credentials issued for them."""
 
-    async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> None:
-        """Insert the task and its first credentials in one transaction."""
+    async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> bool:
+        """Insert the task and its first credentials in one transaction, only while the
+        task's agent is ACTIVE and its owner enabled (checked under lock in that same
+        transaction). False, and nothing written, when they are not."""
         ...
 
     async def get_task(self, task_id: str) -> Task | None: ...

@@ -44,6 +44,12 @@ ACTIVE_SLOT = 1
 
 # The end_reason of tasks ended by ``expire_tasks``, and the revoke_reason of their credentials.
 EXPIRED_REASON = "expired"
+OWNER_DISABLED_REASON = "owner disabled"
+
+
+def agent_state_reason(state: AgentState | str) -> str:
+    """The revocation reason recorded when an agent leaves the active state."""
+    return f"agent {AgentState(state).value}"
 
 
 def utc(when: datetime) -> datetime:

@@ -125,6 +125,12 @@ class MemoryStorage:
         del row["created_at"]
         _require_existing(self._owners, owner.id)
         self._owners.update(owner.id, row)
+        if owner.disabled:
+            self._revoke_tasks(
+                lambda r: r["owner_id"] == owner.id,
+                codec.OWNER_DISABLED_REASON,
+                codec.utc(owner.updated_at),
+            )
 
     async def get_owner(self, owner_id: str) -> Owner | None:
         row = self._owners.get(owner_id)
@@ -146,6 +152,12 @@ class MemoryStorage:
         _require_existing(self._agents, agent.spiffe_id)
         _require_reference(self._owners, agent.owner_id)
         self._agents.update(agent.spiffe_id, row)
+        if agent.state is not AgentState.ACTIVE:
+            self._revoke_tasks(
+                lambda r: r["agent_id"] == agent.spiffe_id,
+                codec.agent_state_reason(agent.state),
+                codec.utc(agent.updated_at),
+            )
 
     async def get_agent(self, spiffe_id: str) -> Agent | None:
         row = self._agents.get(spiffe_id)
@@ -161,10 +173,17 @@ class MemoryStorage:
     async def set_agent_state(
         self, spiffe_id: str, state: AgentState, now: datetime
     ) -> Agent | None:
-        changes = {"state": AgentState(state).value, "updated_at": codec.utc(now)}
+        now = codec.utc(now)
+        changes = {"state": AgentState(state).value, "updated_at": now}
         if spiffe_id not in self._agents:
             return None
         self._agents.update(spiffe_id, changes)
+        if AgentState(state) is not AgentState.ACTIVE:
+            self._revoke_tasks(
+                lambda r: r["agent_id"] == spiffe_id,
+                codec.agent_state_reason(state),
+                now,
+            )
         return await self.get_agent(spiffe_id)
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
@@ -258,7 +277,7 @@ class MemoryStorage:
 
     # --- tasks -----------------------------------------------------------------------------
 
-    async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> None:
+    async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> bool:
         row = self._tasks.encode(codec.task_row(task))
         creds = [self._credentials.encode(codec.credential_row(c)) for c in credentials]
         _require_new(self._tasks, task.id)
@@ -272,9 +291,15 @@ class MemoryStorage:
         for cred in creds:
             if cred["task_id"] != task.id:
                 _require_reference(self._tasks, cred["task_id"])
+        agent, owner = self._agents.get(task.agent_id), self._owners.get(task.owner_id)
+        assert agent is not None
+        assert owner is not None
+        if agent["state"] != AgentState.ACTIVE.value or owner["disabled"]:
+            return False
         self._tasks.insert(task.id, row)
         for cred in creds:
             self._credentials.insert(cred["jti"], cred)
+        return True
 
     async def get_task(self, task_id: str) -> Task | None:
         row = self._tasks.get(task_id)
@@ -354,6 +379,12 @@ class MemoryStorage:
         for task_id in due:
             self._end(task_id, TaskState.EXPIRED, codec.EXPIRED_REASON, now)
         return due
+
+    def _revoke_tasks(self, which: Callable[[Row], bool], reason: str, now: datetime) -> None:
+        """End every ACTIVE task matching ``which`` as REVOKED, with its credentials."""
+        for task_id, r in list(self._tasks.rows()):
+            if r["state"] == TaskState.ACTIVE.value and which(r):
+                self._end(task_id, TaskState.REVOKED, reason, now)
 
     def _end(self, task_id: str, state: TaskState, reason: str, now: datetime) -> None:
         self._tasks.update(task_id, {"state": state.value, "ended_at": now, "end_reason": reason})

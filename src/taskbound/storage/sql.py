@@ -213,6 +213,13 @@ class SqlStorage:
                 update(t.owners).where(t.owners.c.id == owner.id).values(row)
             )
             changed = result.rowcount
+            if changed == 1 and owner.disabled:
+                await self._revoke_tasks(
+                    conn,
+                    t.tasks.c.owner_id == owner.id,
+                    codec.OWNER_DISABLED_REASON,
+                    codec.utc(owner.updated_at),
+                )
         if changed != 1:
             raise NotFound(internal=f"owners: no row {owner.id!r}")
 
@@ -247,6 +254,13 @@ class SqlStorage:
                 update(t.agents).where(t.agents.c.spiffe_id == agent.spiffe_id).values(row)
             )
             changed = result.rowcount
+            if changed == 1 and agent.state is not AgentState.ACTIVE:
+                await self._revoke_tasks(
+                    conn,
+                    t.tasks.c.agent_id == agent.spiffe_id,
+                    codec.agent_state_reason(agent.state),
+                    codec.utc(agent.updated_at),
+                )
         if changed != 1:
             raise NotFound(internal=f"agents: no row {agent.spiffe_id!r}")
 
@@ -274,7 +288,8 @@ class SqlStorage:
     async def set_agent_state(
         self, spiffe_id: str, state: AgentState, now: datetime
     ) -> Agent | None:
-        changes = {"state": AgentState(state).value, "updated_at": codec.utc(now)}
+        now = codec.utc(now)
+        changes = {"state": AgentState(state).value, "updated_at": now}
         if codec.has_nul(spiffe_id):
             return None
         async with self._transaction(write=True) as conn:
@@ -290,6 +305,13 @@ class SqlStorage:
                 .mappings()
                 .first()
             )
+            if row is not None and AgentState(state) is not AgentState.ACTIVE:
+                await self._revoke_tasks(
+                    conn,
+                    t.tasks.c.agent_id == spiffe_id,
+                    codec.agent_state_reason(state),
+                    now,
+                )
         return None if row is None else codec.agent_from(row)
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
@@ -437,13 +459,29 @@ class SqlStorage:
 
     # --- tasks -----------------------------------------------------------------------------
 
-    async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> None:
+    async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> bool:
         row = codec.task_row(task)
         cred_rows = [codec.credential_row(c) for c in credentials]
+        # The agent must be active and the owner enabled at the moment of insertion: FOR
+        # SHARE (PostgreSQL) makes a concurrent suspension wait for this insert and then
+        # revoke the new task too, or this insert see the suspension. SQLite's writers are
+        # serialised by BEGIN IMMEDIATE.
+        standing = (
+            select(t.agents.c.state, t.owners.c.disabled)
+            .select_from(t.agents.join(t.owners, t.owners.c.id == task.owner_id))
+            .where(t.agents.c.spiffe_id == task.agent_id)
+            .with_for_update(read=True)
+        )
         async with self._transaction(write=True) as conn:
+            found = (await conn.execute(standing)).first()
+            if found is None:
+                raise ReferenceError_(internal="tasks: unknown agent or owner")
+            if found.state != AgentState.ACTIVE.value or found.disabled:
+                return False
             await conn.execute(t.tasks.insert().values(row))
             if cred_rows:
                 await conn.execute(t.credentials.insert(), cred_rows)
+        return True
 
     async def get_task(self, task_id: str) -> Task | None:
         if codec.has_nul(task_id):
@@ -578,6 +616,19 @@ class SqlStorage:
             expired = list((await conn.execute(expire)).scalars().all())
             await self._revoke_credentials_of(conn, expired, codec.EXPIRED_REASON, now)
         return sorted(expired)
+
+    async def _revoke_tasks(
+        self, conn: AsyncConnection, which: ColumnElement[bool], reason: str, now: datetime
+    ) -> None:
+        """End every ACTIVE task matching ``which`` as REVOKED, with its credentials."""
+        ended = (
+            update(t.tasks)
+            .where(t.tasks.c.state == _ACTIVE, which)
+            .values(state=TaskState.REVOKED.value, ended_at=now, end_reason=reason)
+            .returning(t.tasks.c.id)
+        )
+        ids = list((await conn.execute(ended)).scalars().all())
+        await self._revoke_credentials_of(conn, ids, reason, now)
 
     async def _revoke_credentials_of(
         self, conn: AsyncConnection, task_ids: Sequence[str], reason: str, now: datetime
