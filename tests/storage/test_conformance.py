@@ -1043,3 +1043,23 @@ async def test_create_task_races_with_suspension(backend: Backend, clock: FakeCl
         assert all(
             c.revoked_at is not None for c in await backend.storage.list_credentials(task.id)
         )
+
+
+async def test_mcp_input_schema_round_trips(storage: Storage, clock: FakeClock) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "repo": {"type": "string"},
+            "labels": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["repo"],
+    }
+    tool = make_tool(clock.now(), "mcp-issues", kind=ToolKind.MCP)
+    tool = replace(
+        tool,
+        actions=(Action("create_issue", Tier.WRITE, mcp_tool="create_issue", input_schema=schema),),
+    )
+    await storage.create_tool(tool, None)
+    got = await storage.get_tool("mcp-issues")
+    assert got is not None
+    assert got.actions[0].input_schema == schema

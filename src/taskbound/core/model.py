@@ -7,7 +7,7 @@ adapters must hand them back the same way.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -109,6 +109,9 @@ class Action:
     mcp_tool: str | None = None
     risk: Risk = Risk.LOW
     requires_approval: bool = False
+    # An MCP tool's JSON Schema for its arguments (its `inputSchema`); policy sees the
+    # arguments typed from it.
+    input_schema: Mapping[str, Any] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ returned by any read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -90,6 +91,20 @@ class ActionSpec(_Spec):
     mcp_tool: str | None = Field(None, min_length=1, max_length=128)
     risk: Risk = Risk.LOW
     requires_approval: bool = False
+    input_schema: dict[str, Any] | None = None
+
+    @field_validator("input_schema")
+    @classmethod
+    def _input_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if value.get("type", "object") != "object" or not isinstance(
+            value.get("properties", {}), dict
+        ):
+            raise ValueError("input_schema must be a JSON Schema of type object")
+        if len(json.dumps(value)) > 16 * 1024:
+            raise ValueError("input_schema must be at most 16 KiB")
+        return value
 
     @field_validator("method")
     @classmethod
@@ -158,6 +173,8 @@ class ToolSpec(_Spec):
             else:
                 if a.mcp_tool is None or a.method is not None or a.path is not None:
                     raise ValueError(f"MCP action {a.name!r} needs mcp_tool only")
+            if self.kind is ToolKind.HTTP and a.input_schema is not None:
+                raise ValueError(f"HTTP action {a.name!r}: input_schema is for MCP tools")
                 key = (a.mcp_tool,)
             if key in matchers:
                 raise ValueError(f"action {a.name!r} has the same matcher as another action")
@@ -486,6 +503,7 @@ def tool_view(tool: Tool, *, has_secret: bool) -> dict[str, Any]:
                     "mcp_tool": a.mcp_tool,
                     "risk": a.risk.value,
                     "requires_approval": a.requires_approval,
+                    "input_schema": None if a.input_schema is None else dict(a.input_schema),
                 }.items()
                 if v is not None
             }

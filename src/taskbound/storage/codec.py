@@ -165,6 +165,7 @@ def _action_json(action: Action) -> dict[str, Any]:
         "mcp_tool": action.mcp_tool,
         "risk": Risk(action.risk).value,
         "requires_approval": bool(action.requires_approval),
+        "input_schema": None if action.input_schema is None else dict(action.input_schema),
     }
 
 
@@ -177,6 +178,8 @@ def _action_from(data: Mapping[str, Any]) -> Action:
         mcp_tool=data["mcp_tool"],
         risk=Risk(data["risk"]),
         requires_approval=bool(data["requires_approval"]),
+        # Absent in rows written before input schemas existed.
+        input_schema=data.get("input_schema"),
     )
 
 
