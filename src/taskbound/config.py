@@ -145,6 +145,16 @@ class IdentityConfig(_Section):
     jwks_min_refresh_seconds: int = Field(30, ge=1)
 
 
+class PolicyConfig(_Section):
+    # A directory of *.cedar files; the default pack shipped with taskbound when absent.
+    dir: Path | None = None
+    # What `context.environment` says to policies (e.g. development, staging, production).
+    environment: str = Field("development", min_length=1, max_length=64)
+    # Reload when the files change (polling).
+    watch: bool = True
+    watch_interval_seconds: float = Field(2.0, gt=0, le=3600)
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -157,6 +167,7 @@ class Settings(_Section):
     credentials: CredentialsConfig = CredentialsConfig()
     dpop: DPoPConfig = DPoPConfig()
     identity: IdentityConfig = IdentityConfig()
+    policy: PolicyConfig = PolicyConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -526,6 +526,24 @@ def create_app(
         new = await svc().keys.rotate(purpose)
         return json_response({"kid": new.kid, "alg": new.alg, "purpose": new.purpose.value}, 201)
 
+    @route("/v1/admin/policy", methods=["GET"])
+    async def policy_status(request: Request) -> Response:
+        await admin(request)
+        return json_response(svc().policy.status())
+
+    @route("/v1/admin/policy/reload", methods=["POST"])
+    async def policy_reload(request: Request) -> Response:
+        """Reload the policy files; the last good set stays in force when they fail."""
+        await admin(request)
+        result = await svc().policy.reload("admin API")
+        body = {
+            "ok": result.ok,
+            "version": result.version,
+            "changed": result.changed,
+            "problems": list(result.problems),
+        }
+        return json_response(body, 200 if result.ok else 422)
+
     @route("/v1/admin/dev/identity", methods=["POST"])
     async def mint_identity(request: Request) -> Response:
         """The development issuer (dev mode only): a JWT-SVID for a SPIFFE ID of the dev
@@ -573,23 +591,31 @@ def create_app(
     routes = [
         metadata, jwks, start_task, fresh_credential, get_task, complete, cancel,
         introspect, revoke, owners, owner, tools, tool, agents, agent, apply, list_tasks,
-        task_credentials, revoke_task, keys, rotate, mint_identity, healthz, readyz,
-        metrics_endpoint,
+        task_credentials, revoke_task, keys, rotate, policy_status, policy_reload,
+        mint_identity, healthz, readyz, metrics_endpoint,
     ]  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own = services is None
         state["services"] = services or await open_services(settings)
-        sweeper = asyncio.create_task(_sweep_forever(state["services"])) if sweep else None
+        background = []
+        if sweep:
+            background.append(asyncio.create_task(_sweep_forever(state["services"])))
+            if settings.policy.watch:
+                background.append(
+                    asyncio.create_task(
+                        state["services"].policy.watch(settings.policy.watch_interval_seconds)
+                    )
+                )
         log.info("taskbound ready", extra={"url": settings.public_url})
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
+            for job in background:
+                job.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                    await job
             if own:
                 await state["services"].aclose()
 
@@ -634,6 +660,7 @@ async def _sweep_forever(services: Services) -> None:
         try:
             await services.broker.sweep()
             await services.keys.reload()
+            await services.policy.refresh_registry()
         except Exception:
             log.exception("sweep failed; retrying")
         await asyncio.sleep(interval)

@@ -11,7 +11,9 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -170,11 +172,11 @@ class ToolSpec(_Spec):
                 if a.method is None or a.path is None or a.mcp_tool is not None:
                     raise ValueError(f"HTTP action {a.name!r} needs method and path only")
                 key: tuple[str, ...] = (a.method, re.sub(r"\{[^}]+\}", "{}", a.path))
+                if a.input_schema is not None:
+                    raise ValueError(f"HTTP action {a.name!r}: input_schema is for MCP tools")
             else:
                 if a.mcp_tool is None or a.method is not None or a.path is not None:
                     raise ValueError(f"MCP action {a.name!r} needs mcp_tool only")
-            if self.kind is ToolKind.HTTP and a.input_schema is not None:
-                raise ValueError(f"HTTP action {a.name!r}: input_schema is for MCP tools")
                 key = (a.mcp_tool,)
             if key in matchers:
                 raise ValueError(f"action {a.name!r} has the same matcher as another action")
@@ -202,10 +204,24 @@ def _secret_aad(tool_id: str) -> bytes:
 
 
 class Registry:
-    def __init__(self, storage: Storage, box: SecretBox, clock: Clock) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        box: SecretBox,
+        clock: Clock,
+        *,
+        on_tools_changed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._storage = storage
         self._box = box
         self._clock = clock
+        # Policy's schema follows the tools: told at once in this process; other
+        # processes notice on their next sweep.
+        self._on_tools_changed = on_tools_changed
+
+    async def _tools_changed(self) -> None:
+        if self._on_tools_changed is not None:
+            await self._on_tools_changed()
 
     # --- owners ------------------------------------------------------------------------
 
@@ -236,17 +252,7 @@ class Registry:
 
     def _tool(self, spec: ToolSpec, created_at: Any = None) -> Tool:
         now = self._clock.now()
-        return Tool(
-            id=spec.id,
-            audience=spec.audience,
-            upstream_url=spec.upstream_url,
-            kind=spec.kind,
-            actions=tuple(Action(**a.model_dump()) for a in spec.actions),
-            created_at=created_at or now,
-            updated_at=now,
-            upstream_auth_header=spec.upstream_auth_header,
-            description=spec.description,
-        )
+        return tool_from_spec(spec, created_at or now, now)
 
     def _seal_secret(self, spec: ToolSpec) -> bytes | None:
         if spec.upstream_secret is None:
@@ -267,6 +273,7 @@ class Registry:
         tool = self._tool(spec)
         await self._storage.create_tool(tool, self._seal_secret(spec))
         log.info("tool created", extra={"event": "tool.created", "tool": tool.id})
+        await self._tools_changed()
         return tool
 
     async def update_tool(self, spec: ToolSpec) -> Tool:
@@ -284,6 +291,7 @@ class Registry:
         tool = self._tool(spec, old.created_at)
         await self._storage.update_tool(tool, self._seal_secret(spec))
         log.info("tool updated", extra={"event": "tool.updated", "tool": tool.id})
+        await self._tools_changed()
         return tool
 
     async def has_secret(self, tool_id: str) -> bool:
@@ -430,6 +438,36 @@ class Registry:
                 lambda a=a: self.update_agent(a),
             )
         return ApplyResult(tuple(created), tuple(updated), tuple(unchanged))
+
+
+def tool_from_spec(spec: ToolSpec, created_at: datetime, updated_at: datetime) -> Tool:
+    return Tool(
+        id=spec.id,
+        audience=spec.audience,
+        upstream_url=spec.upstream_url,
+        kind=spec.kind,
+        actions=tuple(Action(**a.model_dump()) for a in spec.actions),
+        created_at=created_at,
+        updated_at=updated_at,
+        upstream_auth_header=spec.upstream_auth_header,
+        description=spec.description,
+    )
+
+
+def owner_from_spec(spec: OwnerSpec, when: datetime) -> Owner:
+    return Owner(spec.id, spec.contact, frozenset(spec.roles), when, when, spec.disabled)
+
+
+def agent_from_spec(spec: AgentSpec, when: datetime) -> Agent:
+    return Agent(
+        spiffe_id=spec.spiffe_id,
+        owner_id=spec.owner,
+        state=spec.state,
+        ceiling=frozenset(Scope(s.tool, s.tier) for s in spec.ceiling),
+        created_at=when,
+        updated_at=when,
+        description=spec.description,
+    )
 
 
 def _check_unique(doc: RegistryDocument) -> None:

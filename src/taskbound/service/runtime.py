@@ -10,13 +10,14 @@ import httpx
 
 from taskbound.config import Settings
 from taskbound.core.clock import Clock, SystemClock
-from taskbound.core.grant import CeilingDecider, GrantDecider
+from taskbound.core.grant import GrantDecider
 from taskbound.core.model import KeyPurpose
 from taskbound.core.secretbox import SecretBox
 from taskbound.service.broker import Broker
 from taskbound.service.identity import IdentityVerifier
 from taskbound.service.kek import load_kek
 from taskbound.service.keys import KeyManager
+from taskbound.service.policy import PolicyEngine
 from taskbound.service.registry import Registry
 from taskbound.storage import open_storage
 from taskbound.storage.base import ReplayCache, Storage
@@ -35,6 +36,7 @@ class Services:
     identity: IdentityVerifier
     registry: Registry
     broker: Broker
+    policy: PolicyEngine
     replay: ReplayCache
     http: httpx.AsyncClient
 
@@ -67,10 +69,12 @@ async def open_services(
         http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False)
         identity = IdentityVerifier(settings, keys, clock, http)
         replay = MemoryReplayCache(max_entries=settings.dpop.replay_cache_max_entries)
+        policy = PolicyEngine(settings, storage, clock)
+        await policy.load()
         broker = Broker(
-            settings, storage, keys, identity, decider or CeilingDecider(), replay, clock
+            settings, storage, keys, identity, decider or policy.grant_decider(), replay, clock
         )
-        registry = Registry(storage, box, clock)
+        registry = Registry(storage, box, clock, on_tools_changed=policy.refresh_registry)
     except BaseException:
         await storage.close()
         raise
@@ -79,4 +83,6 @@ async def open_services(
             "the development identity issuer is on: any holder of an admin token can mint "
             "workload identities; turn identity.dev_issuer off in production"
         )
-    return Services(settings, clock, storage, box, keys, identity, registry, broker, replay, http)
+    return Services(
+        settings, clock, storage, box, keys, identity, registry, broker, policy, replay, http
+    )
