@@ -105,7 +105,10 @@ class Agent:
 
     async def start(self, **body: Any) -> httpx.Response:
         payload = {
-            "intent": {"purpose": "triage acme/web", "constraints": {"repo": "acme/web"}},
+            "intent": {
+                "purpose": "triage acme/web",
+                "constraints": {"org": "acme", "repo": "web", "tiers": ["read", "write"]},
+            },
             "on_behalf_of": "alice",
             "scopes": [{"tool": "issues", "tier": "read"}, {"tool": "issues", "tier": "write"}],
             "ttl_seconds": 900,

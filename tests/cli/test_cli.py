@@ -168,3 +168,79 @@ def test_admin_init_creates_one_hashed_token(tmp_path: Path) -> None:
     assert len(hashes) == 2
     assert hashlib.sha256(token.encode()).hexdigest() in hashes
     assert token not in (tmp_path / "data" / "taskbound.db").read_bytes().decode("latin-1")
+
+
+def _pack(tmp_path: Path) -> Path:
+    import shutil
+
+    from taskbound.service.policy import default_policy_dir
+
+    pack = tmp_path / "policies"
+    shutil.copytree(default_policy_dir(), pack)
+    return pack
+
+
+def test_policy_test_passes_on_the_default_pack_and_covers_every_policy(tmp_path: Path) -> None:
+    pack = _pack(tmp_path)
+    result = runner.invoke(
+        app, ["policy", "test", str(pack / "tests"), "--policies", str(pack), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["failed"] == []
+    assert report["passed"] >= 20
+    assert report["uncovered"] == []
+
+
+def test_policy_test_fails_when_a_decision_changes(tmp_path: Path) -> None:
+    pack = _pack(tmp_path)
+    (pack / "zz.cedar").write_text(
+        '@id("no-reads")\nforbid (principal, action in Action::"read", resource);\n'
+    )
+    result = runner.invoke(app, ["policy", "test", str(pack / "tests"), "--policies", str(pack)])
+    assert result.exit_code == 1
+    assert "failed" in result.output
+
+
+def test_policy_validate_names_file_and_line(tmp_path: Path) -> None:
+    pack = _pack(tmp_path)
+    registry = str(pack / "tests" / "registry.yaml")
+    ok = runner.invoke(app, ["policy", "validate", "--policies", str(pack), "--registry", registry])
+    assert ok.exit_code == 0, ok.output
+    assert "valid" in ok.output
+    (pack / "zz.cedar").write_text(
+        "// a comment\n\npermit (principal, action, resource)\n  when { principal.nope };\n"
+    )
+    bad = runner.invoke(
+        app, ["policy", "validate", "--policies", str(pack), "--registry", registry, "--json"]
+    )
+    assert bad.exit_code == 1
+    problems = json.loads(bad.output)["problems"]
+    # The line of the offending attribute, and the id of the policy it sits in.
+    assert any(p.startswith("zz.cedar:4: [zz.cedar:3]") for p in problems), problems
+
+
+def test_policy_explain_and_diff(tmp_path: Path) -> None:
+    pack = _pack(tmp_path)
+    cases = str(pack / "tests" / "cases.yaml")
+    result = runner.invoke(
+        app,
+        ["policy", "explain", cases, "--name", "another repo is refused", "--policies", str(pack)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "repo-constraint-binds-arguments" in result.output
+    assert "constraints.cedar" in result.output
+    new = tmp_path / "proposed"
+    import shutil
+
+    shutil.copytree(pack, new)
+    (new / "zz.cedar").write_text(
+        '@id("no-reads")\nforbid (principal, action in Action::"read", resource);\n'
+    )
+    result = runner.invoke(
+        app, ["policy", "diff", str(pack), str(new), "--cases", str(pack / "tests"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    changed = {c["name"] for c in json.loads(result.output)}
+    assert "a read is allowed" in changed
+    assert "a write is allowed when the intent allows writes" not in changed

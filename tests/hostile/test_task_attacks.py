@@ -27,7 +27,8 @@ async def register_other_agent(live: Live) -> None:
 
 def body(**changes: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "intent": {"purpose": "p"},
+        # The default policy pack grants writes only when the intent names them.
+        "intent": {"purpose": "p", "constraints": {"tiers": ["read", "write"]}},
         "on_behalf_of": "alice",
         "scopes": [READ],
         "ttl_seconds": 300,

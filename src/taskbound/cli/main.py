@@ -11,6 +11,7 @@ import typer
 from taskbound import __version__
 from taskbound.cli.common import console, handled, print_json
 from taskbound.cli.operate import ConfigOption, admin_app, identity_app, keys_app, tasks_app
+from taskbound.cli.policy import policy_app
 from taskbound.cli.registry import agents_app, apply, owners_app, tools_app
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.add_typer(tools_app, name="tools")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(keys_app, name="keys")
 app.add_typer(identity_app, name="identity")
+app.add_typer(policy_app, name="policy")
 app.command("apply")(apply)
 
 
