@@ -18,6 +18,7 @@ from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    AuditEvent,
     CredentialRecord,
     KeyPurpose,
     KeyState,
@@ -37,6 +38,7 @@ from taskbound.core.model import (
 )
 from taskbound.errors import Conflict, NotFound, ReferenceError_
 from taskbound.storage import Storage
+from taskbound.storage.codec import AUDIT_DETAIL_MAX, AUDIT_TRUNCATED
 from tests.storage.conftest import Backend
 
 AGENT = "spiffe://example.org/agents/builder"
@@ -1063,3 +1065,208 @@ async def test_mcp_input_schema_round_trips(storage: Storage, clock: FakeClock) 
     got = await storage.get_tool("mcp-issues")
     assert got is not None
     assert got.actions[0].input_schema == schema
+
+
+# --- audit log ---------------------------------------------------------------------------
+
+
+def make_audit(now: datetime, **changes: object) -> AuditEvent:
+    event = AuditEvent(time=now, event="gateway.call", decision="allow")
+    return replace(event, **changes)  # type: ignore[arg-type]
+
+
+def full_audit(now: datetime, **changes: object) -> AuditEvent:
+    """An event with every field set."""
+    event = AuditEvent(
+        time=now,
+        event="gateway.call",
+        decision="deny",
+        code="policy_denied",
+        agent=AGENT,
+        owner="alice",
+        task="task-1",
+        intent="merge the fix for the flaky test",
+        jti="jti-1",
+        tool="github",
+        action="merge",
+        tier="write",
+        argument_digest="sha256:" + "ab" * 32,
+        policies=("default/writes.cedar:12", "org/naïve ✓.cedar:3"),
+        policy_version="pv-2026-01-01",
+        latency_ms=12.345678,
+        upstream_status=503,
+        detail="forbid: merge outside business hours",
+    )
+    return replace(event, **changes)  # type: ignore[arg-type]
+
+
+async def test_audit_round_trip_of_every_field(storage: Storage, clock: FakeClock) -> None:
+    clock.advance(0.654321)
+    full = full_audit(clock.now().astimezone(IST))
+    bare = make_audit(clock.advance(1), event="task.started", decision="info")
+    assert await storage.append_audit(full) == 1
+    assert await storage.append_audit(bare) == 2
+
+    got = await storage.list_audit()
+    assert got == [(1, full), (2, bare)]
+    (_, first), (_, second) = got
+    assert first.time == clock.now() - timedelta(seconds=1)
+    assert first.time.microsecond == 654321
+    assert_utc(first.time, second.time)
+    assert isinstance(first.policies, tuple)
+    assert type(first.latency_ms) is float
+    assert type(first.upstream_status) is int
+    assert second.policies == ()
+    assert (second.latency_ms, second.upstream_status, second.detail) == (None, None, None)
+
+
+async def test_audit_sequence_increases_and_pages(storage: Storage, clock: FakeClock) -> None:
+    assert await storage.list_audit() == []
+    seqs = [await storage.append_audit(make_audit(clock.advance(1), jti=f"j{i}")) for i in range(7)]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 7
+    assert seqs[0] == 1
+    assert [s for s, _ in await storage.list_audit()] == seqs
+    assert [s for s, _ in await storage.list_audit(after=seqs[2])] == seqs[3:]
+    assert [s for s, _ in await storage.list_audit(after=seqs[2], limit=2)] == seqs[3:5]
+    assert await storage.list_audit(limit=0) == []
+    assert await storage.list_audit(after=seqs[-1]) == []
+    # Paging with the last number seen reads everything exactly once.
+    paged: list[int] = []
+    after = 0
+    while page := await storage.list_audit(after=after, limit=3):
+        paged += [s for s, _ in page]
+        after = page[-1][0]
+    assert paged == seqs
+    with pytest.raises(ValueError, match="limit"):
+        await storage.list_audit(limit=-1)
+    with pytest.raises(ValueError, match="after"):
+        await storage.list_audit(after=-1)
+
+
+async def test_audit_default_limit_is_100(storage: Storage, clock: FakeClock) -> None:
+    for _ in range(105):
+        await storage.append_audit(make_audit(clock.now()))
+    got = await storage.list_audit()
+    assert [s for s, _ in got] == list(range(1, 101))
+
+
+async def test_audit_filters(storage: Storage, clock: FakeClock) -> None:
+    # No foreign keys: an audit record may name agents and tasks that do not exist.
+    rows = [
+        ("a1", "t1"),
+        ("a2", "t2"),
+        ("a1", "t2"),
+        ("a1", None),
+        (None, "t1"),
+        ("a1", "t1"),
+    ]
+    seqs = [
+        await storage.append_audit(make_audit(clock.advance(1), agent=a, task=t)) for a, t in rows
+    ]
+
+    async def found(**kw: object) -> list[int]:
+        return [s for s, _ in await storage.list_audit(**kw)]  # type: ignore[arg-type]
+
+    assert await found(agent="a1") == [seqs[0], seqs[2], seqs[3], seqs[5]]
+    assert await found(task="t1") == [seqs[0], seqs[4], seqs[5]]
+    assert await found(task="t2", agent="a1") == [seqs[2]]
+    assert await found(agent="a1", after=seqs[0], limit=2) == [seqs[2], seqs[3]]
+    assert await found(task="t1", agent="a2") == []
+    assert await found(agent="nobody") == []
+    # Filters are exact matches, not patterns.
+    assert await found(agent="a%") == []
+    assert await found(agent="a1\x00") == []
+    assert await found(task="t1\x00") == []
+    events = await storage.list_audit(task="t2")
+    assert [(e.agent, e.task) for _, e in events] == [("a2", "t2"), ("a1", "t2")]
+
+
+async def test_audit_detail_is_bounded(storage: Storage, clock: FakeClock) -> None:
+    at_limit = "d" * AUDIT_DETAIL_MAX
+    await storage.append_audit(make_audit(clock.now(), detail=at_limit))
+    await storage.append_audit(make_audit(clock.now(), detail="x" * 10_000))
+    # Beyond the limit the cut text may even hold what could never be stored.
+    await storage.append_audit(make_audit(clock.now(), detail="é" * 2_500 + "\x00"))
+    (_, kept), (_, cut), (_, cut_nul) = await storage.list_audit()
+    assert kept.detail == at_limit
+    assert cut.detail is not None
+    assert len(cut.detail) == AUDIT_DETAIL_MAX
+    assert cut.detail.endswith(AUDIT_TRUNCATED)
+    assert cut.detail == "x" * (AUDIT_DETAIL_MAX - len(AUDIT_TRUNCATED)) + AUDIT_TRUNCATED
+    assert cut_nul.detail is not None
+    assert cut_nul.detail.startswith("é")
+    assert len(cut_nul.detail) == AUDIT_DETAIL_MAX
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "event",
+        "decision",
+        "code",
+        "agent",
+        "owner",
+        "task",
+        "intent",
+        "jti",
+        "tool",
+        "action",
+        "tier",
+        "argument_digest",
+        "policy_version",
+        "detail",
+    ],
+)
+async def test_audit_refuses_nul_in_text(storage: Storage, clock: FakeClock, field: str) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        await storage.append_audit(full_audit(clock.now(), **{field: "bad\x00value"}))
+    assert await storage.list_audit() == []
+
+
+async def test_audit_refuses_unstorable_values(storage: Storage, clock: FakeClock) -> None:
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"policies": ("ok", "no\x00")}, "NUL"),
+        ({"latency_ms": float("nan")}, "finite"),
+        ({"latency_ms": float("inf")}, "finite"),
+        ({"upstream_status": 2**31}, "32-bit"),
+        ({"upstream_status": True}, "32-bit"),
+    ]
+    for changes, problem in bad:
+        with pytest.raises(ValueError, match=problem):
+            await storage.append_audit(full_audit(clock.now(), **changes))
+    with pytest.raises(TypeError):
+        await storage.append_audit(make_audit(clock.now(), policies=("ok", 3)))
+    with pytest.raises(ValueError, match="naive"):
+        await storage.append_audit(make_audit(datetime(2026, 1, 1, 12)))
+    assert await storage.list_audit() == []
+    # Refused before the database is asked: the next record is still number 1.
+    assert await storage.append_audit(make_audit(clock.now(), latency_ms=0)) == 1
+    got = await storage.list_audit()
+    assert [s for s, _ in got] == [1]
+    assert got[0][1].latency_ms == 0.0
+
+
+async def test_concurrent_audit_appends_lose_nothing(backend: Backend, clock: FakeClock) -> None:
+    writers = await _handles(backend, 8)
+    per_writer = 5
+
+    async def write(w: int) -> list[tuple[int, AuditEvent]]:
+        out = []
+        for i in range(per_writer):
+            event = make_audit(clock.now(), agent=f"agent-{w}", jti=f"w{w}-{i}")
+            out.append((await writers[w].append_audit(event), event))
+        return out
+
+    results = await asyncio.gather(*(write(w) for w in range(len(writers))))
+    appended = [pair for chunk in results for pair in chunk]
+    seqs = [s for s, _ in appended]
+    assert len(set(seqs)) == len(seqs) == 8 * per_writer
+    # Each writer's own appends are numbered in the order it made them.
+    for chunk in results:
+        assert [s for s, _ in chunk] == sorted(s for s, _ in chunk)
+    listed = await backend.storage.list_audit(limit=1000)
+    assert listed == sorted(appended, key=lambda pair: pair[0])
+    assert [s for s, _ in await backend.storage.list_audit(agent="agent-3")] == [
+        s for s, _ in results[3]
+    ]

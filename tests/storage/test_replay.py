@@ -41,11 +41,11 @@ async def test_forgotten_after_expiry(make_cache: CacheFactory, clock: FakeClock
     assert await cache.seen("jti-1", until + timedelta(seconds=60), clock.now()) is True
 
 
-async def test_already_expired_key_is_not_recorded(
+async def test_already_expired_key_is_refused_and_not_recorded(
     make_cache: CacheFactory, clock: FakeClock
 ) -> None:
     cache = make_cache(1)
-    assert await cache.seen("old", clock.now(), clock.now()) is False
+    assert await cache.seen("old", clock.now(), clock.now()) is True
     # It took no room: a fresh key still fits.
     assert await cache.seen("new", clock.now() + timedelta(seconds=5), clock.now()) is False
 
@@ -104,11 +104,7 @@ async def test_agrees_with_a_reference_model(
         now += timedelta(seconds=step)
         key, expires_at = f"k{key_index}", now + timedelta(seconds=lifetime)
         model = {k: exp for k, exp in model.items() if exp > now}
-        if key in model:
-            expected = True
-        elif expires_at <= now:
-            expected = False
-        elif len(model) >= capacity:
+        if key in model or expires_at <= now or len(model) >= capacity:
             expected = True
         else:
             model[key] = expires_at

@@ -246,3 +246,31 @@ class TaskFilter:
     owner_id: str | None = None
     state: TaskState | None = None
     limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One record of the append-only audit log: what happened, to whom, and the decision.
+
+    Stored with a sequence number the store assigns. ``detail`` is an internal reason (never
+    a secret); stores keep at most its first 2,000 characters.
+    """
+
+    time: datetime
+    event: str  # e.g. "gateway.call", "task.started"
+    decision: str  # "allow" | "deny" | "approval_required" | "error" | "info"
+    code: str | None = None  # stable refusal code
+    agent: str | None = None
+    owner: str | None = None
+    task: str | None = None
+    intent: str | None = None
+    jti: str | None = None
+    tool: str | None = None
+    action: str | None = None
+    tier: str | None = None
+    argument_digest: str | None = None
+    policies: tuple[str, ...] = ()
+    policy_version: str | None = None
+    latency_ms: float | None = None
+    upstream_status: int | None = None
+    detail: str | None = None  # internal reason, never a secret

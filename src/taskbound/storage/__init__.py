@@ -16,6 +16,7 @@ Every backend orders list results the same way (text by code point):
 * ``list_credentials``: by ``issued_at``, then by jti;
 * ``list_keys``: newest ``created_at`` first, the active key before retiring ones, then kid;
 * ``list_admin_tokens``: by ``created_at``, then by id;
+* ``list_audit``: by sequence number, ascending, after ``after``, cut at ``limit``;
 * ``expire_tasks``: the ids, sorted.
 
 Updates (``update_owner``, ``update_agent``, ``update_tool``) keep the stored ``created_at``.
@@ -31,12 +32,14 @@ from taskbound.errors import ConfigError
 from taskbound.storage.base import ReplayCache, Storage
 from taskbound.storage.memory import MemoryStorage
 from taskbound.storage.migrate import migrate
+from taskbound.storage.redis_replay import RedisReplayCache
 from taskbound.storage.replay import MemoryReplayCache
 from taskbound.storage.sql import SqlStorage
 
 __all__ = [
     "MemoryReplayCache",
     "MemoryStorage",
+    "RedisReplayCache",
     "ReplayCache",
     "SqlStorage",
     "Storage",

@@ -22,6 +22,7 @@ from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    AuditEvent,
     CredentialRecord,
     KeyPurpose,
     Owner,
@@ -163,8 +164,40 @@ class AdminTokenStore(Protocol):
     async def list_admin_tokens(self) -> list[AdminToken]: ...
 
 
+class AuditStore(Protocol):
+    """The append-only audit log: one record per gateway call or lifecycle event.
+
+    Records are never updated or deleted through this port. Each gets a sequence number:
+    strictly increasing, from 1, assigned in commit order, so a reader that has seen ``n``
+    never later finds a new record numbered ``n`` or below (``list_audit(after=n)`` is a
+    safe tail). Numbers may skip (a failed insert on PostgreSQL uses one up), so count
+    records, not numbers.
+
+    Text fields hold no NUL character (``ValueError``, nothing stored, as for all text);
+    ``detail`` is cut to 2,000 characters, ending in a marker, instead of failing.
+    ``latency_ms`` must be finite and ``upstream_status`` a 32-bit integer (``ValueError``).
+    """
+
+    async def append_audit(self, event: AuditEvent) -> int:
+        """Store ``event``; durable when this returns. Returns its sequence number."""
+        ...
+
+    async def list_audit(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        task: str | None = None,
+        agent: str | None = None,
+    ) -> list[tuple[int, AuditEvent]]:
+        """``(seq, event)`` pairs with ``seq > after``, ascending, at most ``limit`` of them,
+        only those of ``task`` and/or ``agent`` when given. A negative ``after`` or
+        ``limit`` is a ``ValueError``."""
+        ...
+
+
 @runtime_checkable
-class Storage(RegistryStore, KeyStore, TaskStore, AdminTokenStore, Protocol):
+class Storage(RegistryStore, KeyStore, TaskStore, AdminTokenStore, AuditStore, Protocol):
     """Everything the broker stores. One object per process, shared by all requests."""
 
     async def check(self) -> None:
@@ -185,5 +218,8 @@ class ReplayCache(Protocol):
 
         Fails closed: a cache too full of unexpired keys to record a new one answers True,
         so the caller refuses the proof; a failing backend raises StorageError.
+
+        A key with ``expires_at <= now`` is never recorded and answers True: a proof whose
+        acceptance window has passed is refused (callers check freshness first anyway).
         """
         ...

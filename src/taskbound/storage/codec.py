@@ -11,6 +11,7 @@ character is a ``ValueError`` on write everywhere, because PostgreSQL cannot sto
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,7 @@ from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    AuditEvent,
     CredentialRecord,
     KeyPurpose,
     KeyState,
@@ -367,3 +369,91 @@ def admin_token_from(row: Mapping[Any, Any]) -> AdminToken:
         created_at=utc(row["created_at"]),
         revoked_at=utc_or_none(row["revoked_at"]),
     )
+
+
+# --- audit events --------------------------------------------------------------------------
+
+# The longest ``detail`` stored; a longer one is cut to this length, ending in the marker.
+AUDIT_DETAIL_MAX = 2_000
+AUDIT_TRUNCATED = "…[truncated]"
+
+_INT32 = range(-(2**31), 2**31)
+
+
+def bounded_detail(detail: str | None) -> str | None:
+    """``detail`` cut to :data:`AUDIT_DETAIL_MAX` characters (the marker included)."""
+    if detail is None or len(detail) <= AUDIT_DETAIL_MAX:
+        return detail
+    return detail[: AUDIT_DETAIL_MAX - len(AUDIT_TRUNCATED)] + AUDIT_TRUNCATED
+
+
+def audit_row(event: AuditEvent) -> Row:
+    """The columns of ``event``, without ``seq`` (the store assigns it)."""
+    policies = list(event.policies)
+    if not all(isinstance(p, str) for p in policies):
+        raise TypeError("policies: every entry must be a string")
+    check_text(**{f"policies[{i}]": p for i, p in enumerate(policies)})
+    latency = event.latency_ms
+    if latency is not None:
+        latency = float(latency)
+        if not math.isfinite(latency):
+            raise ValueError("latency_ms must be a finite number")
+    status = event.upstream_status
+    if status is not None and (
+        isinstance(status, bool) or not isinstance(status, int) or status not in _INT32
+    ):
+        raise ValueError("upstream_status must be a 32-bit integer")
+    return _text_checked(
+        {
+            "time": utc(event.time),
+            "event": event.event,
+            "decision": event.decision,
+            "code": event.code,
+            "agent": event.agent,
+            "owner": event.owner,
+            "task": event.task,
+            "intent": event.intent,
+            "jti": event.jti,
+            "tool": event.tool,
+            "action": event.action,
+            "tier": event.tier,
+            "argument_digest": event.argument_digest,
+            "policies": policies,
+            "policy_version": event.policy_version,
+            "latency_ms": latency,
+            "upstream_status": status,
+            "detail": bounded_detail(event.detail),
+        }
+    )
+
+
+def audit_from(row: Mapping[Any, Any]) -> tuple[int, AuditEvent]:
+    latency = row["latency_ms"]
+    return int(row["seq"]), AuditEvent(
+        time=utc(row["time"]),
+        event=row["event"],
+        decision=row["decision"],
+        code=row["code"],
+        agent=row["agent"],
+        owner=row["owner"],
+        task=row["task"],
+        intent=row["intent"],
+        jti=row["jti"],
+        tool=row["tool"],
+        action=row["action"],
+        tier=row["tier"],
+        argument_digest=row["argument_digest"],
+        policies=tuple(row["policies"]),
+        policy_version=row["policy_version"],
+        latency_ms=None if latency is None else float(latency),
+        upstream_status=row["upstream_status"],
+        detail=row["detail"],
+    )
+
+
+def check_audit_query(after: int, limit: int) -> None:
+    """``ValueError`` for a negative ``after`` or ``limit`` of ``list_audit``."""
+    if after < 0:
+        raise ValueError("list_audit: after must not be negative")
+    if limit < 0:
+        raise ValueError("list_audit: limit must not be negative")

@@ -19,6 +19,7 @@ from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    AuditEvent,
     CredentialRecord,
     KeyPurpose,
     KeyState,
@@ -106,6 +107,9 @@ class MemoryStorage:
         self._credentials = _Table(schema.credentials)
         self._keys = _Table(schema.signing_keys)
         self._admin_tokens = _Table(schema.admin_tokens)
+        # Keyed by str(seq), inserted in seq order; never updated or deleted.
+        self._audit = _Table(schema.audit_events)
+        self._audit_seq = 0
 
     async def check(self) -> None:
         """Always healthy: there is no backend to lose."""
@@ -411,6 +415,33 @@ class MemoryStorage:
             (r for _, r in self._admin_tokens.rows()), key=lambda r: (r["created_at"], r["id"])
         )
         return _decoded(self._admin_tokens, rows, codec.admin_token_from)
+
+    # --- audit log -------------------------------------------------------------------------
+
+    async def append_audit(self, event: AuditEvent) -> int:
+        row = self._audit.encode(codec.audit_row(event))
+        self._audit_seq += 1
+        seq = self._audit_seq
+        self._audit.insert(str(seq), {"seq": seq, **row})
+        return seq
+
+    async def list_audit(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        task: str | None = None,
+        agent: str | None = None,
+    ) -> list[tuple[int, AuditEvent]]:
+        codec.check_audit_query(after, limit)
+        rows = [
+            r
+            for _, r in self._audit.rows()
+            if r["seq"] > after
+            and (task is None or r["task"] == task)
+            and (agent is None or r["agent"] == agent)
+        ]
+        return _decoded(self._audit, rows[:limit], codec.audit_from)
 
 
 # The rules the SQL schema enforces with constraints, as checks run before any change.

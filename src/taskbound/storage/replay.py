@@ -41,8 +41,9 @@ class MemoryReplayCache:
         if key in self._expiry:
             return True
         if expires_at <= now:
-            # Already expired: a replay of it could not be "not yet expired" either.
-            return False
+            # Already stale: refuse it without recording (as the Redis cache does; a
+            # proof whose acceptance window has passed must never count as fresh).
+            return True
         if len(self._expiry) >= self._max_entries:
             return True
         self._expiry[key] = expires_at

@@ -8,6 +8,10 @@ can never be added to a task that another process is ending. On SQLite every wri
 transaction starts with ``BEGIN IMMEDIATE``, so writers queue on the database lock (up to
 the busy timeout) instead of failing when a read turns into a write.
 
+Audit appends are serialised too (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on
+SQLite), so audit sequence numbers are handed out in commit order: a reader paging with
+``list_audit(after=n)`` never misses a record that commits late with a lower number.
+
 Errors: a unique violation is :class:`~taskbound.errors.Conflict`, a foreign-key violation
 :class:`~taskbound.errors.ReferenceError_`, and a lost or failing database
 :class:`~taskbound.errors.StorageError`, whose text never contains the URL's password and
@@ -26,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     ColumnElement,
     Engine,
@@ -33,6 +38,7 @@ from sqlalchemy import (
     Table,
     case,
     event,
+    func,
     literal,
     select,
     update,
@@ -47,6 +53,7 @@ from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    AuditEvent,
     CredentialRecord,
     KeyPurpose,
     KeyState,
@@ -72,6 +79,9 @@ _BEGIN_OPTION = "taskbound_sqlite_begin"
 _ID_CHUNK = 500
 
 _ACTIVE = TaskState.ACTIVE.value
+
+# pg_advisory_xact_lock key held by append_audit: the bytes of "tb:audit" as a bigint.
+_POSTGRES_AUDIT_LOCK = 0x74623A6175646974
 
 
 def configure_sqlite(engine: Engine, *, foreign_keys: bool = True) -> None:
@@ -674,3 +684,41 @@ class SqlStorage:
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.admin_token_from(r) for r in rows]
+
+    # --- audit log -------------------------------------------------------------------------
+
+    async def append_audit(self, event: AuditEvent) -> int:
+        row = codec.audit_row(event)
+        insert = t.audit_events.insert().values(row).returning(t.audit_events.c.seq)
+        async with self._transaction(write=True) as conn:
+            if self._postgres:
+                # Held to the commit: the next append takes its number only after this one
+                # is visible. (SQLite's BEGIN IMMEDIATE already orders writers.)
+                await conn.execute(
+                    select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
+                )
+            seq = await conn.scalar(insert)
+        if seq is None:
+            raise TaskboundError(internal="audit_events: insert returned no sequence number")
+        return int(seq)
+
+    async def list_audit(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        task: str | None = None,
+        agent: str | None = None,
+    ) -> list[tuple[int, AuditEvent]]:
+        codec.check_audit_query(after, limit)
+        if codec.has_nul(task, agent):
+            return []
+        c = t.audit_events.c
+        query = select(t.audit_events).where(c.seq > after).order_by(c.seq).limit(limit)
+        if task is not None:
+            query = query.where(c.task == task)
+        if agent is not None:
+            query = query.where(c.agent == agent)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [codec.audit_from(r) for r in rows]
