@@ -97,10 +97,16 @@ class CredentialsConfig(_Section):
 class DPoPConfig(_Section):
     algorithms: tuple[str, ...] = ("EdDSA", "Ed25519", "ES256")
     iat_window_seconds: int = Field(60, ge=1, le=600)
+    # Where proof jtis are remembered: this process's memory (one replica), or Redis, shared
+    # by every replica so a proof replayed at another replica is caught too.
+    replay_cache: Literal["memory", "redis"] = "memory"
+    redis_url: SecretStr | None = None
     replay_cache_max_entries: int = Field(1_000_000, ge=1000)
 
     @model_validator(mode="after")
     def _asymmetric_only(self) -> DPoPConfig:
+        if self.replay_cache == "redis" and self.redis_url is None:
+            raise ValueError("dpop.replay_cache = redis needs dpop.redis_url")
         for alg in self.algorithms:
             if alg.lower() == "none" or alg.upper().startswith("HS"):
                 raise ValueError(f"DPoP algorithm {alg!r} is not asymmetric")
@@ -145,6 +151,26 @@ class IdentityConfig(_Section):
     jwks_min_refresh_seconds: int = Field(30, ge=1)
 
 
+class GatewayConfig(_Section):
+    """The tool-boundary gateway at /{tool}/… (DESIGN.md §3 flow 5)."""
+
+    # Run the gateway inside `taskbound serve` (it can also run alone: `taskbound gateway`).
+    enabled: bool = True
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    connect_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    upstream_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    max_upstream_connections: int = Field(256, ge=1, le=10_000)
+    # How long a liveness answer (credential, task, agent, owner) may be reused. Changes
+    # made in this process reach the gateway at once; other processes within this bound.
+    liveness_ttl_seconds: float = Field(1.0, ge=0, le=30)
+    credential_cache_entries: int = Field(100_000, ge=0)
+    # RFC 9449 §8: require server-provided nonces in DPoP proofs.
+    require_dpop_nonce: bool = False
+    nonce_lifetime_seconds: int = Field(300, ge=10, le=3600)
+    # MCP methods passed through besides tools/call and tools/list (which are decided).
+    mcp_pass_methods: tuple[str, ...] = ("initialize", "ping", "notifications/*")
+
+
 class PolicyConfig(_Section):
     # A directory of *.cedar files; the default pack shipped with taskbound when absent.
     dir: Path | None = None
@@ -168,6 +194,7 @@ class Settings(_Section):
     dpop: DPoPConfig = DPoPConfig()
     identity: IdentityConfig = IdentityConfig()
     policy: PolicyConfig = PolicyConfig()
+    gateway: GatewayConfig = GatewayConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -213,6 +240,8 @@ class Settings(_Section):
         data = self.model_dump(mode="json")
         if self.keys.kek is not None:
             data["keys"]["kek"] = "**********"
+        if self.dpop.redis_url is not None:
+            data["dpop"]["redis_url"] = "**********"
         return data
 
 

@@ -15,12 +15,12 @@ log = logging.getLogger("taskbound.server")
 
 
 async def run_server(
-    settings: Settings, *, demo: bool = False, exit_after_demo: bool = False
+    settings: Settings, *, demo: bool = False, exit_after_demo: bool = False, broker: bool = True
 ) -> bool:
     """Serve until stopped (or, with ``exit_after_demo``, until the demo ends). Returns
     False when the demo failed."""
     services = await open_services(settings)
-    app = create_app(settings, services=services)
+    app = create_app(settings, services=services, broker=broker)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

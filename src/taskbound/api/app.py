@@ -48,6 +48,7 @@ from taskbound.errors import (
     StorageError,
     TaskboundError,
 )
+from taskbound.gateway.app import Gateway, gateway_routes
 from taskbound.service.admin import authenticate_admin
 from taskbound.service.broker import AgentCaller, IssuedCredential, StartTaskRequest, new_id
 from taskbound.service.registry import (
@@ -62,6 +63,8 @@ from taskbound.service.registry import (
 from taskbound.service.runtime import Services, open_services
 
 log = logging.getLogger("taskbound.api")
+
+BROKER_PREFIXES = ("/v1/", "/oauth/", "/.well-known/", "/healthz", "/readyz", "/metrics")
 
 # --- request bodies ----------------------------------------------------------------------
 
@@ -194,6 +197,18 @@ class Metrics:
         self.tasks_ended = Counter(
             "taskbound_tasks_ended_total", "Tasks ended by state", ["state"], registry=self.registry
         )
+        self.gateway_decisions = Counter(
+            "taskbound_gateway_decisions_total",
+            "Gateway decisions by outcome and code",
+            ["outcome", "code"],
+            registry=self.registry,
+        )
+        self.gateway_latency = Histogram(
+            "taskbound_gateway_check_seconds",
+            "Gateway time from request to audit record (checks, decision, upstream headers)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -204,13 +219,20 @@ def create_app(
     *,
     services: Services | None = None,
     sweep: bool = True,
+    broker: bool = True,
 ) -> Starlette:
     """The ASGI app. Services are opened in the lifespan unless given (tests)."""
     metrics = Metrics()
     state: dict[str, Services] = {} if services is None else {"services": services}
+    gateways: list[Gateway] = []
 
     def svc() -> Services:
         return state["services"]
+
+    def gateway() -> Gateway:
+        if not gateways:
+            gateways.append(Gateway(svc(), metrics))
+        return gateways[0]
 
     def route(path: str, *, methods: list[str], oauth: bool = False) -> Callable[[Handler], Route]:
         def wrap(fn: Handler) -> Route:
@@ -594,6 +616,11 @@ def create_app(
         task_credentials, revoke_task, keys, rotate, policy_status, policy_reload,
         mint_identity, healthz, readyz, metrics_endpoint,
     ]  # fmt: skip
+    if not broker:
+        routes = [healthz, readyz, metrics_endpoint]
+    if settings.gateway.enabled or not broker:
+        # After the broker's routes: a tool can never shadow them (ids are reserved too).
+        routes += gateway_routes(gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -633,7 +660,11 @@ def create_app(
         middleware=[
             Middleware(
                 LimitsMiddleware,
-                max_body=settings.server.max_body_bytes,
+                max_body=lambda path: (
+                    settings.server.max_body_bytes
+                    if path.startswith(BROKER_PREFIXES)
+                    else settings.gateway.max_body_bytes
+                ),
                 max_headers=settings.server.max_header_bytes,
             )
         ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -93,9 +94,12 @@ class LimitsMiddleware:
     cannot get more than ``max_body`` bytes past it.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body: int | Callable[[str], int], max_headers: int
+    ) -> None:
         self.app = app
-        self.max_body = max_body
+        # One limit, or one per path (the gateway takes larger bodies than the broker).
+        self.max_body_for = max_body if callable(max_body) else (lambda _path: max_body)
         self.max_headers = max_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,6 +110,7 @@ class LimitsMiddleware:
         if size > self.max_headers:
             await problem(HeadersTooLarge())(scope, receive, send)
             return
+        max_body = self.max_body_for(scope.get("path", ""))
         for key, value in scope["headers"]:
             if key == b"content-length":
                 try:
@@ -113,7 +118,7 @@ class LimitsMiddleware:
                 except ValueError:
                     await problem(InvalidRequest("bad Content-Length"))(scope, receive, send)
                     return
-                if declared > self.max_body:
+                if declared > max_body:
                     await problem(PayloadTooLarge())(scope, receive, send)
                     return
         seen = 0
@@ -123,7 +128,7 @@ class LimitsMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body:
+                if seen > max_body:
                     raise PayloadTooLarge()
             return message
 

@@ -73,6 +73,22 @@ def serve(
 
 
 @app.command()
+def gateway(
+    host: str | None = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port to listen on (default 8080)."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Run only the gateway at /{tool}/… (sharing the broker's database and keys)."""
+    settings = _settings(config, server__host=host, server__port=port)
+    from taskbound.logs import configure_logging
+    from taskbound.server import run_server
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    with handled():
+        asyncio.run(run_server(settings, broker=False))
+
+
+@app.command()
 def migrate(config: str | None = ConfigOption) -> None:
     """Create or upgrade the database schema (serve does this on start too)."""
     from taskbound.storage.migrate import migrate as run_migrations

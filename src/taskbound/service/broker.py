@@ -43,6 +43,7 @@ from taskbound.errors import (
     TTLExceedsCap,
     UnknownAgent,
 )
+from taskbound.service.events import Change, Events
 from taskbound.service.identity import IdentityVerifier, unverified_kid
 from taskbound.service.keys import KeyManager
 from taskbound.storage.base import ReplayCache, Storage
@@ -108,6 +109,7 @@ class Broker:
         replay: ReplayCache,
         clock: Clock,
         ids: Callable[[str], str] = new_id,
+        events: Events | None = None,
     ) -> None:
         self._settings = settings
         self._storage = storage
@@ -117,6 +119,7 @@ class Broker:
         self._replay = replay
         self._clock = clock
         self._ids = ids
+        self._events = events or Events()
         creds = settings.credentials
         self._cred_cap = timedelta(seconds=creds.max_ttl_seconds)
         self._leeway = timedelta(seconds=creds.clock_leeway_seconds)
@@ -370,6 +373,8 @@ class Broker:
         if result is None:
             raise NotFound("no such task")
         task, changed = result
+        if changed:
+            self._events.publish(Change.TASK_ENDED, task_id)
         log.info(
             "task ended",
             extra={
@@ -472,6 +477,8 @@ class Broker:
         except InvalidToken:
             return False
         revoked = await self._storage.revoke_credential(claims.jti, reason, self._clock.now())
+        if revoked:
+            self._events.publish(Change.CREDENTIAL_REVOKED, claims.jti)
         log.info(
             "credential revoked",
             extra={"event": "credential.revoked", "jti": claims.jti, "changed": revoked},
@@ -485,6 +492,7 @@ class Broker:
         their overlap. Safe to run in every replica at once."""
         expired = await self._storage.expire_tasks(self._clock.now())
         for task_id in expired:
+            self._events.publish(Change.TASK_ENDED, task_id)
             log.info("task expired", extra={"event": "task.expired", "task_id": task_id})
         await self._keys.prune()
         return expired

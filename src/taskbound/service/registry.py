@@ -13,12 +13,13 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from taskbound.core.actions import HttpRouter
 from taskbound.core.clock import Clock
 from taskbound.core.identity import parse_spiffe_id
 from taskbound.core.model import (
@@ -34,12 +35,18 @@ from taskbound.core.model import (
     ToolKind,
 )
 from taskbound.core.secretbox import SecretBox
-from taskbound.errors import InvalidRequest, NotFound, ReferenceError_
+from taskbound.errors import ConfigError, InvalidRequest, NotFound, ReferenceError_
+from taskbound.service.events import Change, Events
 from taskbound.storage.base import Storage
 
 log = logging.getLogger("taskbound.registry")
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+# The gateway serves tools at /{tool}/…: a tool may not shadow the broker's own paths.
+_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+RESERVED_TOOL_IDS = frozenset(
+    {"v1", "oauth", "healthz", "readyz", "metrics", "ui", "static", ".well-known"}
+)
 _PATH_TEMPLATE = re.compile(
     r"^/([A-Za-z0-9._~!$&'()*+,;=:@%-]*|\{[A-Za-z_][A-Za-z0-9_]*\})(/([A-Za-z0-9._~!$&'()*+,;=:@%-]*|\{[A-Za-z_][A-Za-z0-9_]*\}))*$"
 )
@@ -136,6 +143,13 @@ class ToolSpec(_Spec):
     upstream_secret: SecretStr | None = Field(None)
     description: str = Field("", max_length=1000)
 
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_TOOL_IDS:
+            raise ValueError(f"{value!r} is reserved for taskbound's own endpoints")
+        return value
+
     @field_validator("audience")
     @classmethod
     def _audience(cls, value: str) -> str:
@@ -181,6 +195,12 @@ class ToolSpec(_Spec):
             if key in matchers:
                 raise ValueError(f"action {a.name!r} has the same matcher as another action")
             matchers.add(key)
+        if self.kind is ToolKind.HTTP:
+            # The gateway's router must be able to honour every template exactly.
+            try:
+                HttpRouter.for_tool(tool_from_spec(self, _EPOCH, _EPOCH))
+            except ConfigError as exc:
+                raise ValueError(exc.detail) from None
         return self
 
 
@@ -211,6 +231,7 @@ class Registry:
         clock: Clock,
         *,
         on_tools_changed: Callable[[], Awaitable[None]] | None = None,
+        events: Events | None = None,
     ) -> None:
         self._storage = storage
         self._box = box
@@ -218,8 +239,10 @@ class Registry:
         # Policy's schema follows the tools: told at once in this process; other
         # processes notice on their next sweep.
         self._on_tools_changed = on_tools_changed
+        self._events = events or Events()
 
-    async def _tools_changed(self) -> None:
+    async def _tools_changed(self, tool_id: str) -> None:
+        self._events.publish(Change.TOOL_CHANGED, tool_id)
         if self._on_tools_changed is not None:
             await self._on_tools_changed()
 
@@ -245,6 +268,7 @@ class Registry:
             spec.disabled,
         )
         await self._storage.update_owner(owner)
+        self._events.publish(Change.OWNER_CHANGED, owner.id)
         log.info("owner updated", extra={"event": "owner.updated", "owner": owner.id})
         return owner
 
@@ -273,7 +297,7 @@ class Registry:
         tool = self._tool(spec)
         await self._storage.create_tool(tool, self._seal_secret(spec))
         log.info("tool created", extra={"event": "tool.created", "tool": tool.id})
-        await self._tools_changed()
+        await self._tools_changed(tool.id)
         return tool
 
     async def update_tool(self, spec: ToolSpec) -> Tool:
@@ -291,7 +315,7 @@ class Registry:
         tool = self._tool(spec, old.created_at)
         await self._storage.update_tool(tool, self._seal_secret(spec))
         log.info("tool updated", extra={"event": "tool.updated", "tool": tool.id})
-        await self._tools_changed()
+        await self._tools_changed(tool.id)
         return tool
 
     async def has_secret(self, tool_id: str) -> bool:
@@ -339,6 +363,7 @@ class Registry:
             raise NotFound(f"no agent {spec.spiffe_id!r}")
         agent = await self._agent(spec, old.created_at)
         await self._storage.update_agent(agent)
+        self._events.publish(Change.AGENT_CHANGED, agent.spiffe_id)
         log.info("agent updated", extra={"event": "agent.updated", "agent": agent.spiffe_id})
         return agent
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import httpx
@@ -14,6 +15,7 @@ from taskbound.core.grant import GrantDecider
 from taskbound.core.model import KeyPurpose
 from taskbound.core.secretbox import SecretBox
 from taskbound.service.broker import Broker
+from taskbound.service.events import Events
 from taskbound.service.identity import IdentityVerifier
 from taskbound.service.kek import load_kek
 from taskbound.service.keys import KeyManager
@@ -21,6 +23,7 @@ from taskbound.service.policy import PolicyEngine
 from taskbound.service.registry import Registry
 from taskbound.storage import open_storage
 from taskbound.storage.base import ReplayCache, Storage
+from taskbound.storage.redis_replay import RedisReplayCache
 from taskbound.storage.replay import MemoryReplayCache
 
 log = logging.getLogger("taskbound.runtime")
@@ -37,11 +40,19 @@ class Services:
     registry: Registry
     broker: Broker
     policy: PolicyEngine
+    events: Events
     replay: ReplayCache
     http: httpx.AsyncClient
+    # Resources other components opened on these services (the gateway's upstream pool).
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def aclose(self) -> None:
+        for close_one in reversed(self.closers):
+            await close_one()
         await self.http.aclose()
+        close = getattr(self.replay, "close", None)
+        if close is not None:
+            await close()
         await self.storage.close()
 
 
@@ -68,13 +79,28 @@ async def open_services(
         await keys.ensure(purposes)
         http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False)
         identity = IdentityVerifier(settings, keys, clock, http)
-        replay = MemoryReplayCache(max_entries=settings.dpop.replay_cache_max_entries)
+        replay: ReplayCache
+        if settings.dpop.replay_cache == "redis":
+            assert settings.dpop.redis_url is not None
+            replay = RedisReplayCache(settings.dpop.redis_url.get_secret_value())
+        else:
+            replay = MemoryReplayCache(max_entries=settings.dpop.replay_cache_max_entries)
         policy = PolicyEngine(settings, storage, clock)
         await policy.load()
+        events = Events()
         broker = Broker(
-            settings, storage, keys, identity, decider or policy.grant_decider(), replay, clock
+            settings,
+            storage,
+            keys,
+            identity,
+            decider or policy.grant_decider(),
+            replay,
+            clock,
+            events=events,
         )
-        registry = Registry(storage, box, clock, on_tools_changed=policy.refresh_registry)
+        registry = Registry(
+            storage, box, clock, on_tools_changed=policy.refresh_registry, events=events
+        )
     except BaseException:
         await storage.close()
         raise
@@ -84,5 +110,16 @@ async def open_services(
             "workload identities; turn identity.dev_issuer off in production"
         )
     return Services(
-        settings, clock, storage, box, keys, identity, registry, broker, policy, replay, http
+        settings,
+        clock,
+        storage,
+        box,
+        keys,
+        identity,
+        registry,
+        broker,
+        policy,
+        events,
+        replay,
+        http,
     )

@@ -1,0 +1,534 @@
+"""The gateway at `/{tool}/…`: verify, decide, inject, forward, audit — HTTP and MCP.
+
+No response leaves for a call whose audit record could not be written (DESIGN.md
+invariant 2), and anything unforeseen on the decision path is a refusal, never a
+pass-through (invariant 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from taskbound.core.actions import (
+    HttpRouter,
+    McpHeaderMismatch,
+    McpMessage,
+    McpProtocolError,
+    RouteError,
+    argument_digest,
+    check_mcp_headers,
+    mcp_tool_action,
+    parse_jsonrpc,
+)
+from taskbound.core.model import AuditEvent, Tool, ToolKind
+from taskbound.core.policy import Decision
+from taskbound.core.tokens import CredentialClaims
+from taskbound.errors import TaskboundError
+from taskbound.gateway.checks import Admitted, Checks, Refusal
+from taskbound.gateway.proxy import (
+    Upstream,
+    downstream_headers,
+    relay,
+    sse_events,
+    transform_sse_event,
+    upstream_headers,
+)
+from taskbound.service.events import Change, Event
+from taskbound.service.registry import RESERVED_TOOL_IDS
+from taskbound.service.runtime import Services
+
+log = logging.getLogger("taskbound.gateway")
+
+# JSON-RPC error codes for refusals the MCP client can read (-32000..-32099 are the
+# implementation-defined server errors of JSON-RPC 2.0).
+JSONRPC_REFUSED = -32001
+JSONRPC_METHOD_NOT_ALLOWED = -32601
+
+
+class AuditUnavailable(TaskboundError):
+    code = "audit_unavailable"
+    status = 503
+    default_detail = "the call cannot be recorded, so it is refused"
+
+
+@dataclass
+class CallRecord:
+    """What the audit record of one call says, filled in as the call proceeds."""
+
+    tool: str
+    started: float
+    claims: CredentialClaims | None = None
+    admitted: Admitted | None = None
+    action: str | None = None
+    tier: str | None = None
+    digest: str | None = None
+    decision: Decision | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def event(
+        self, outcome: str, code: str | None, detail: str | None, upstream: int | None, now: Any
+    ) -> AuditEvent:
+        c = self.claims
+        return AuditEvent(
+            time=now,
+            event="gateway.call",
+            decision=outcome,
+            code=code,
+            agent=c.subject if c else None,
+            owner=c.owner_id if c else None,
+            task=c.task_id if c else None,
+            intent=c.purpose if c else None,
+            jti=c.jti if c else None,
+            tool=self.tool,
+            action=self.action,
+            tier=self.tier,
+            argument_digest=self.digest,
+            policies=self.decision.determining if self.decision else (),
+            policy_version=self.decision.policy_version if self.decision else None,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            upstream_status=upstream,
+            detail=detail,
+        )
+
+
+class Gateway:
+    def __init__(self, services: Services, metrics: Any | None = None) -> None:
+        self.s = services
+        settings = services.settings
+        gw = settings.gateway
+        self.checks = Checks(
+            settings,
+            services.storage,
+            services.keys,
+            services.policy,
+            services.replay,
+            services.clock,
+            services.events,
+        )
+        self.upstream = Upstream(
+            connect_timeout=gw.connect_timeout_seconds,
+            total_timeout=gw.upstream_timeout_seconds,
+            max_connections=gw.max_upstream_connections,
+        )
+        self.metrics = metrics
+        services.closers.append(self.upstream.close)
+        self._tools: dict[str, tuple[float, Tool | None]] = {}
+        self._routers: dict[str, tuple[Tool, HttpRouter]] = {}
+        self._secrets: dict[str, str | None] = {}
+        services.events.subscribe(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        if event.change is Change.TOOL_CHANGED:
+            self._tools.pop(event.key, None)
+            self._secrets.pop(event.key, None)
+
+    async def close(self) -> None:
+        await self.upstream.close()
+
+    # --- registry views ----------------------------------------------------------------
+
+    async def tool(self, tool_id: str) -> Tool | None:
+        now = time.monotonic()
+        cached = self._tools.get(tool_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        tool = await self.s.storage.get_tool(tool_id) if len(tool_id) <= 64 else None
+        self._tools[tool_id] = (now + 2.0, tool)
+        if tool is not None and (tool_id not in self._routers or self._routers[tool_id][0] != tool):
+            self._routers[tool_id] = (tool, HttpRouter.for_tool(tool))
+            self._secrets.pop(tool_id, None)
+        return tool
+
+    async def secret(self, tool: Tool) -> str | None:
+        if tool.id not in self._secrets:
+            self._secrets[tool.id] = await self.s.registry.upstream_secret(tool.id)
+        return self._secrets[tool.id]
+
+    # --- audit -------------------------------------------------------------------------
+
+    async def audit(
+        self,
+        record: CallRecord,
+        outcome: str,
+        code: str | None,
+        detail: str | None,
+        upstream: int | None = None,
+    ) -> None:
+        try:
+            await self.s.storage.append_audit(
+                record.event(outcome, code, detail, upstream, self.s.clock.now())
+            )
+        except Exception as exc:  # any failure to record refuses the call
+            log.error(
+                "audit append failed", extra={"event": "audit.failed", "error": type(exc).__name__}
+            )
+            raise AuditUnavailable(internal=f"audit append failed: {exc!r}") from None
+        if self.metrics is not None:
+            self.metrics.gateway_decisions.labels(outcome, code or "ok").inc()
+            self.metrics.gateway_latency.observe(time.perf_counter() - record.started)
+
+    # --- entry point -------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        tool_id = request.path_params["tool"]
+        record = CallRecord(tool=tool_id, started=time.perf_counter())
+        try:
+            tool = await self.tool(tool_id)
+            if tool is None:
+                raise Refusal("unknown_tool", 404, "no such tool")
+            raw_path = request.scope.get("raw_path") or request.url.path.encode()
+            raw = raw_path.decode("latin-1").split("?", 1)[0]
+            # The path below /{tool}, as received ("" for the tool's root itself).
+            rest = raw[len("/" + tool_id) :]
+            admitted = await self.checks.admit(
+                authorization=request.headers.get("authorization"),
+                dpop_headers=request.headers.getlist("dpop"),
+                method=request.method,
+                url=self.s.settings.public_url + raw,
+                tool=tool,
+                verified=lambda claims: setattr(record, "claims", claims),
+            )
+            record.admitted = admitted
+            body = await request.body()
+            if tool.kind is ToolKind.MCP:
+                return await self._mcp(request, tool, rest, body, record)
+            return await self._http(request, tool, rest, body, record)
+        except Refusal as refusal:
+            return await self._refused(record, refusal, refusal.code, refusal.status)
+        except (RouteError, McpHeaderMismatch, McpProtocolError) as err:
+            return await self._refused(record, err, err.code, err.status)
+        except AuditUnavailable as err:
+            return _problem(err.code, err.status, err.detail)
+        except TaskboundError as err:
+            return await self._refused(record, err, err.code, err.status)
+        except Exception as exc:
+            log.exception("gateway error", extra={"tool": tool_id})
+            failure = TaskboundError(internal=f"unexpected {type(exc).__name__}")
+            status = 502 if _is_upstream(exc) else 500
+            return await self._refused(record, failure, "gateway_error", status)
+
+    async def _refused(
+        self, record: CallRecord, err: TaskboundError, code: str, status: int
+    ) -> Response:
+        outcome = "approval_required" if code == "approval_required" else "deny"
+        if isinstance(err, Refusal) and err.decision is not None:
+            record.decision = err.decision
+        try:
+            await self.audit(record, outcome, code, err.internal)
+        except AuditUnavailable as fail:
+            return _problem(fail.code, fail.status, fail.detail)
+        log.warning(
+            "call refused",
+            extra={
+                "event": "gateway.refused",
+                "tool": record.tool,
+                "code": code,
+                "reason": err.internal,
+            },
+        )
+        headers = {}
+        www = getattr(err, "www_error", None)
+        if status == 401 or www:
+            headers["WWW-Authenticate"] = self._www_authenticate(record.tool, www)
+        if code == "use_dpop_nonce":
+            headers["DPoP-Nonce"] = self.checks.nonces.current(self.s.clock.now())
+        return _problem(code, status, err.detail, headers)
+
+    def _www_authenticate(self, tool_id: str, error: str | None) -> str:
+        algs = " ".join(self.s.settings.dpop.algorithms)
+        meta = f"{self.s.settings.public_url}/.well-known/oauth-protected-resource/{tool_id}"
+        parts = ['DPoP realm="taskbound"', f'algs="{algs}"', f'resource_metadata="{meta}"']
+        if error:
+            parts.insert(1, f'error="{error}"')
+        return ", ".join(parts)
+
+    # --- HTTP tools --------------------------------------------------------------------
+
+    async def _http(
+        self, request: Request, tool: Tool, rest: str, body: bytes, record: CallRecord
+    ) -> Response:
+        router = self._routers[tool.id][1]
+        match = router.match(request.method, rest or "/")
+        record.action, record.tier = match.action.name, match.action.tier.value
+        record.digest = argument_digest(dict(match.params))
+        assert record.admitted is not None
+        self.checks.within_credential(match.action, record.admitted.claims)
+        record.decision = self.checks.decide(
+            record.admitted, tool, match.action, match.params, rest or "/"
+        )
+        return await self._forward(request, tool, rest, body, record)
+
+    async def _forward(
+        self,
+        request: Request,
+        tool: Tool,
+        rest: str,
+        body: bytes,
+        record: CallRecord,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> Response:
+        url = tool.upstream_url.rstrip("/") + rest
+        if request.url.query:
+            url += "?" + request.url.query
+        headers = upstream_headers(
+            request.headers.items(), tool.upstream_auth_header, await self.secret(tool)
+        )
+        response = await self.upstream.send(request.method, url, headers, body)
+        try:
+            await self.audit(record, "allow", None, None, response.status)
+        except AuditUnavailable:
+            response.release()
+            raise
+        ctype = response.headers.get("content-type", "")
+        out_headers = downstream_headers(response.headers, drop_length=transform is not None)
+        for name in [k for k in out_headers if k.lower() == "location"]:
+            # Never reveal the upstream's address: a redirect within the upstream becomes
+            # one within the gateway; any other is dropped.
+            location = out_headers.pop(name)
+            upstream_root = tool.upstream_url.rstrip("/")
+            if location.startswith(upstream_root):
+                gateway_root = f"{self.s.settings.public_url}/{tool.id}"
+                out_headers["Location"] = gateway_root + location[len(upstream_root) :]
+        if transform is not None and ctype.startswith("application/json"):
+            try:
+                data = json.loads(await response.read())
+            finally:
+                response.release()
+            return JSONResponse(
+                transform(data),
+                status_code=response.status,
+                headers=out_headers,
+            )
+        if transform is not None and ctype.startswith("text/event-stream"):
+            return StreamingResponse(
+                _sse(response, transform),
+                status_code=response.status,
+                headers=out_headers,
+            )
+        return StreamingResponse(
+            relay(response),
+            status_code=response.status,
+            headers=out_headers,
+        )
+
+    # --- MCP tools ---------------------------------------------------------------------
+
+    async def _mcp(
+        self, request: Request, tool: Tool, rest: str, body: bytes, record: CallRecord
+    ) -> Response:
+        assert record.admitted is not None
+        claims = record.admitted.claims
+        if request.method in ("GET", "DELETE"):
+            # The server-to-client stream and session termination of streamable HTTP.
+            record.action = f"mcp:{request.method}"
+            return await self._forward(request, tool, rest, body, record)
+        if request.method != "POST":
+            raise Refusal("method_not_allowed", 405, "MCP endpoints take GET, POST or DELETE")
+        messages, is_batch = parse_jsonrpc(body)
+        for header in ("mcp-method", "mcp-name"):
+            if len(request.headers.getlist(header)) > 1:
+                raise McpHeaderMismatch(f"the {header} header is repeated")
+        check_mcp_headers(
+            messages, is_batch, request.headers.get("mcp-method"), request.headers.get("mcp-name")
+        )
+        refused: list[dict[str, Any]] = []
+        allowed: list[McpMessage] = []
+        lists: set[Any] = set()
+        for message in messages:
+            try:
+                self._mcp_decide(message, tool, record)
+                allowed.append(message)
+                if message.method == "tools/list" and message.id is not None:
+                    lists.add(message.id)
+            except Refusal as refusal:
+                await self.audit(
+                    record,
+                    "approval_required" if refusal.code == "approval_required" else "deny",
+                    refusal.code,
+                    refusal.internal,
+                )
+                if message.id is not None:
+                    refused.append(_jsonrpc_error(message.id, refusal))
+        if not allowed:
+            if not refused:
+                return Response(status_code=202)
+            return JSONResponse(refused if is_batch else refused[0])
+        if is_batch:
+            original = json.loads(body)
+            keep = {id(m) for m in allowed}
+            forward = [raw for raw, m in zip(original, messages, strict=True) if id(m) in keep]
+            body = json.dumps(forward, separators=(",", ":")).encode()
+        record.action = record.action if len(allowed) == 1 else "mcp:batch"
+
+        def transform(message: Any) -> Any:
+            if isinstance(message, list):
+                return [transform(m) for m in message] + refused
+            if isinstance(message, dict) and message.get("id") in lists:
+                _filter_tools(message, tool, claims.tier.value, set(claims.actions))
+            return message
+
+        if refused or lists:
+            return await self._forward(request, tool, rest, body, record, transform)
+        return await self._forward(request, tool, rest, body, record)
+
+    def _mcp_decide(self, message: McpMessage, tool: Tool, record: CallRecord) -> None:
+        assert record.admitted is not None
+        claims = record.admitted.claims
+        if message.method == "tools/call":
+            name = message.tool_name or ""
+            action = mcp_tool_action(tool, name)
+            record.action, record.digest = (
+                (action.name if action else name),
+                argument_digest(dict(message.arguments)),
+            )
+            if action is None:
+                raise Refusal(
+                    "no_matching_action",
+                    403,
+                    f"the tool has no action {name!r}",
+                    internal=f"MCP tool {name!r} not registered",
+                    www_error="insufficient_scope",
+                )
+            record.tier = action.tier.value
+            self.checks.within_credential(action, claims)
+            record.decision = self.checks.decide(
+                record.admitted, tool, action, message.arguments, name
+            )
+            return
+        if message.method == "tools/list":
+            record.action = record.action or "mcp:tools/list"
+            return
+        if any(
+            fnmatchcase(message.method, pattern)
+            for pattern in self.s.settings.gateway.mcp_pass_methods
+        ):
+            record.action = record.action or f"mcp:{message.method}"
+            return
+        raise Refusal(
+            "method_not_allowed",
+            403,
+            f"MCP method {message.method!r} is not allowed here",
+            internal=f"MCP method {message.method!r} not in gateway.mcp_pass_methods",
+        )
+
+    # --- metadata ----------------------------------------------------------------------
+
+    async def metadata(self, request: Request) -> Response:
+        """RFC 9728 protected resource metadata for one tool."""
+        tool = await self.tool(request.path_params["tool"])
+        if tool is None:
+            return _problem("not_found", 404, "no such tool")
+        settings = self.s.settings
+        return JSONResponse(
+            {
+                "resource": tool.audience,
+                "resource_name": tool.id,
+                "authorization_servers": [settings.issuer],
+                "bearer_methods_supported": ["header"],
+                "dpop_signing_alg_values_supported": list(settings.dpop.algorithms),
+                "dpop_bound_access_tokens_required": True,
+                "scopes_supported": sorted({f"{tool.id}:{t.value}" for t in tool.tiers()}),
+            },
+            headers={"Cache-Control": "public, max-age=60"},
+        )
+
+
+def _filter_tools(message: dict[str, Any], tool: Tool, tier: str, actions: set[str]) -> None:
+    """tools/list answers only the tools this credential may call."""
+    result = message.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+        return
+    kept = []
+    for entry in result["tools"]:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        action = mcp_tool_action(tool, name) if isinstance(name, str) else None
+        if action is not None and action.tier.value == tier and action.name in actions:
+            kept.append(entry)
+    result["tools"] = kept
+
+
+def _jsonrpc_error(message_id: Any, refusal: Refusal) -> dict[str, Any]:
+    code = JSONRPC_METHOD_NOT_ALLOWED if refusal.code == "method_not_allowed" else JSONRPC_REFUSED
+    return {
+        "jsonrpc": "2.0",
+        "id": message_id,
+        "error": {"code": code, "message": refusal.detail, "data": {"code": refusal.code}},
+    }
+
+
+async def _sse(response: Any, transform: Callable[[Any], Any]) -> AsyncIterator[bytes]:
+    async for event in sse_events(response):
+        yield (transform_sse_event(event, transform) + "\n\n").encode()
+
+
+def _problem(
+    code: str, status: int, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {
+            "type": f"https://taskbound.dev/problems/{code}",
+            "title": code.replace("_", " "),
+            "status": status,
+            "code": code,
+            "detail": detail,
+        },
+        status_code=status,
+        media_type="application/problem+json",
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+def _is_upstream(exc: Exception) -> bool:
+    return type(exc).__module__.startswith("aiohttp")
+
+
+class ToolIdConvertor(Convertor[str]):
+    """A tool id in a path, never one of the broker's own first segments: requests for
+    those keep the broker's 404/405 answers instead of reaching the gateway."""
+
+    regex = (
+        "(?!(?:"
+        + "|".join(map(re.escape, sorted(RESERVED_TOOL_IDS)))
+        + ")(?:/|$))[a-z0-9][a-z0-9_.-]{0,62}"
+    )
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("toolid", ToolIdConvertor())
+
+
+def gateway_routes(gateway_of: Callable[[], Gateway]) -> list[Route]:
+    """The gateway's routes; they go after the broker's own (tools cannot shadow them)."""
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+    async def handle(request: Request) -> Response:
+        return await gateway_of().handle(request)
+
+    async def metadata(request: Request) -> Response:
+        return await gateway_of().metadata(request)
+
+    return [
+        Route("/.well-known/oauth-protected-resource/{tool}", metadata, methods=["GET"]),
+        Route("/{tool:toolid}", handle, methods=methods),
+        Route("/{tool:toolid}/{rest:path}", handle, methods=methods),
+    ]
+
+
+HandlerFactory = Callable[[], Awaitable[Gateway]]
