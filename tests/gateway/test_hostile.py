@@ -223,3 +223,24 @@ async def test_unknown_tool_is_404_and_audited(world: World) -> None:
     assert r.json()["code"] == "unknown_tool"
     events = [e for _, e in await world.live.services.storage.list_audit()]
     assert events[-1].tool == "nosuchtool"
+
+
+async def test_audit_store_failure_fails_the_call(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent, t = await world.task(("issues", "read"))
+    token = t["creds"]["issues:read"]
+
+    async def broken(events: Any) -> list[int]:
+        raise OSError("audit disk full")
+
+    monkeypatch.setattr(world.live.services.storage, "append_audits", broken)
+    r = await world.live.http.get(LIST, headers=call_headers(agent, token, "GET", LIST))
+    assert r.status_code == 503
+    assert r.json()["code"] == "audit_unavailable"
+    assert "ok" not in r.json()  # the upstream's answer is never returned unrecorded
+    r = await world.live.http.get(
+        "/issues/repos/evil/web/issues",
+        headers=call_headers(agent, token, "GET", "/issues/repos/evil/web/issues"),
+    )
+    assert r.status_code == 503  # refusals too must be recorded before they are answered

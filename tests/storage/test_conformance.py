@@ -1270,3 +1270,19 @@ async def test_concurrent_audit_appends_lose_nothing(backend: Backend, clock: Fa
     assert [s for s, _ in await backend.storage.list_audit(agent="agent-3")] == [
         s for s, _ in results[3]
     ]
+
+
+async def test_append_audits_is_one_ordered_all_or_nothing_batch(
+    storage: Storage, clock: FakeClock
+) -> None:
+    events = [make_audit(clock.now(), detail=f"n{i}") for i in range(5)]
+    seqs = await storage.append_audits(events)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 5
+    listed = await storage.list_audit()
+    assert [e.detail for _, e in listed] == [f"n{i}" for i in range(5)]
+    bad = [make_audit(clock.now(), detail="ok"), make_audit(clock.now(), tool="bad\x00tool")]
+    with pytest.raises(ValueError, match="NUL"):
+        await storage.append_audits(bad)
+    assert len(await storage.list_audit()) == 5  # nothing of the failed batch was written
+    assert await storage.append_audits([]) == []

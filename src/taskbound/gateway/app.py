@@ -45,6 +45,7 @@ from taskbound.gateway.proxy import (
     transform_sse_event,
     upstream_headers,
 )
+from taskbound.service.audit import AuditWriter
 from taskbound.service.events import Change, Event
 from taskbound.service.registry import RESERVED_TOOL_IDS
 from taskbound.service.runtime import Services
@@ -123,7 +124,9 @@ class Gateway:
             max_connections=gw.max_upstream_connections,
         )
         self.metrics = metrics
+        self.audit_writer = AuditWriter(services.storage)
         services.closers.append(self.upstream.close)
+        services.closers.append(self.audit_writer.close)
         self._tools: dict[str, tuple[float, Tool | None]] = {}
         self._routers: dict[str, tuple[Tool, HttpRouter]] = {}
         self._secrets: dict[str, str | None] = {}
@@ -167,7 +170,7 @@ class Gateway:
         upstream: int | None = None,
     ) -> None:
         try:
-            await self.s.storage.append_audit(
+            await self.audit_writer.append(
                 record.event(outcome, code, detail, upstream, self.s.clock.now())
             )
         except Exception as exc:  # any failure to record refuses the call

@@ -182,6 +182,11 @@ class AuditStore(Protocol):
         """Store ``event``; durable when this returns. Returns its sequence number."""
         ...
 
+    async def append_audits(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Append several events in ONE transaction (group commit), in the given order;
+        all or none. Their sequence numbers, in order."""
+        ...
+
     async def list_audit(
         self,
         *,

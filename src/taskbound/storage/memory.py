@@ -419,11 +419,18 @@ class MemoryStorage:
     # --- audit log -------------------------------------------------------------------------
 
     async def append_audit(self, event: AuditEvent) -> int:
-        row = self._audit.encode(codec.audit_row(event))
-        self._audit_seq += 1
-        seq = self._audit_seq
-        self._audit.insert(str(seq), {"seq": seq, **row})
+        (seq,) = await self.append_audits([event])
         return seq
+
+    async def append_audits(self, events: Sequence[AuditEvent]) -> list[int]:
+        rows = [self._audit.encode(codec.audit_row(e)) for e in events]  # all checked first
+        seqs = []
+        for row in rows:
+            self._audit_seq += 1
+            seq = self._audit_seq
+            self._audit.insert(str(seq), {"seq": seq, **row})
+            seqs.append(seq)
+        return seqs
 
     async def list_audit(
         self,

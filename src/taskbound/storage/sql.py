@@ -688,8 +688,13 @@ class SqlStorage:
     # --- audit log -------------------------------------------------------------------------
 
     async def append_audit(self, event: AuditEvent) -> int:
-        row = codec.audit_row(event)
-        insert = t.audit_events.insert().values(row).returning(t.audit_events.c.seq)
+        (seq,) = await self.append_audits([event])
+        return seq
+
+    async def append_audits(self, events: Sequence[AuditEvent]) -> list[int]:
+        rows = [codec.audit_row(e) for e in events]
+        if not rows:
+            return []
         async with self._transaction(write=True) as conn:
             if self._postgres:
                 # Held to the commit: the next append takes its number only after this one
@@ -697,10 +702,15 @@ class SqlStorage:
                 await conn.execute(
                     select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
                 )
-            seq = await conn.scalar(insert)
-        if seq is None:
-            raise TaskboundError(internal="audit_events: insert returned no sequence number")
-        return int(seq)
+            seqs = []
+            # One statement per row keeps the numbers in the given order on both dialects.
+            for row in rows:
+                insert = t.audit_events.insert().values(row).returning(t.audit_events.c.seq)
+                seq = await conn.scalar(insert)
+                if seq is None:
+                    raise TaskboundError(internal="audit_events: insert returned no sequence")
+                seqs.append(int(seq))
+        return seqs
 
     async def list_audit(
         self,
