@@ -213,9 +213,8 @@ async def end_to_end(requests: int) -> None:
                 )
                 added_50 = pct(g_lat, 50) - pct(d_lat, 50)
                 added_99 = pct(g_lat, 99) - pct(d_lat, 99)
-                print(
-                    f"  concurrency {conc:3}: the gateway adds p50 {added_50:.2f} ms, p99 {added_99:.2f} ms"
-                )
+                added = f"p50 {added_50:.2f} ms, p99 {added_99:.2f} ms"
+                print(f"  concurrency {conc:3}: the gateway adds {added}")
     finally:
         for p in procs:
             p.terminate()
