@@ -79,6 +79,7 @@ _BEGIN_OPTION = "taskbound_sqlite_begin"
 _ID_CHUNK = 500
 
 _ACTIVE = TaskState.ACTIVE.value
+_AUDIT_INSERT = t.audit_events.insert().returning(t.audit_events.c.seq)
 
 # pg_advisory_xact_lock key held by append_audit: the bytes of "tb:audit" as a bigint.
 _POSTGRES_AUDIT_LOCK = 0x74623A6175646974
@@ -703,10 +704,10 @@ class SqlStorage:
                     select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
                 )
             seqs = []
-            # One statement per row keeps the numbers in the given order on both dialects.
+            # One statement per row keeps the numbers in the given order on both dialects;
+            # the statement is built once and only its parameters change.
             for row in rows:
-                insert = t.audit_events.insert().values(row).returning(t.audit_events.c.seq)
-                seq = await conn.scalar(insert)
+                seq = await conn.scalar(_AUDIT_INSERT, row)
                 if seq is None:
                     raise TaskboundError(internal="audit_events: insert returned no sequence")
                 seqs.append(int(seq))
