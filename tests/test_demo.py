@@ -31,9 +31,15 @@ def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
     assert result.returncode == 0, out + result.stderr
     for needle in (
         "granted issues:read",
+        "granted issues:write",
         "denied deploy:admin: beyond_ceiling",
+        "-> 200, 2 issues",
+        "never the agent's credential",
+        "refused a call outside the task's constraint",
+        "refused the write credential used for a read",
         "refused a replayed DPoP proof: 401",
         "now introspect as active=false",
+        "refused a tool call with a credential of the ended task: 401",
         "demo complete",
     ):
         assert needle in out, needle

@@ -7,15 +7,24 @@ it; only the bootstrap admin token is made directly in the database, as
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import secrets
+import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import uvicorn
 from rich.console import Console
 from rich.panel import Panel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from taskbound.core.dpop import make_dpop_proof
 from taskbound.core.keys import PrivateKey, generate_key
@@ -42,14 +51,23 @@ class _Agent:
         self.identity = identity
         self.key: PrivateKey = generate_key("EdDSA")
 
-    def proof(self, method: str, path: str) -> str:
+    def proof(self, method: str, path: str, access_token: str | None = None) -> str:
         return make_dpop_proof(
             self.key,
             method=method,
             url=self.base + path,
             now=datetime.now(UTC),
             jti=secrets.token_urlsafe(16),
+            access_token=access_token,
         )
+
+    async def tool(self, method: str, path: str, credential: str, **kw: Any) -> httpx.Response:
+        """A tool call through the gateway: the credential as DPoP, a proof bound to it."""
+        headers = {
+            "Authorization": f"DPoP {credential}",
+            "DPoP": self.proof(method, path, access_token=credential),
+        }
+        return await self.http.request(method, path, headers=headers, **kw)
 
     async def call(
         self, method: str, path: str, *, proof: str | None = None, **kw: Any
@@ -63,6 +81,41 @@ class _Agent:
 
 class DemoFailed(Exception):
     pass
+
+
+class Upstream:
+    """The demo's issue tracker: a real HTTP service on loopback that records what reaches
+    it, so the demo can show what the gateway forwarded."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> Starlette:
+        async def handle(request: Request) -> JSONResponse:
+            self.seen.append(dict(request.headers))
+            if request.method == "GET":
+                return JSONResponse([{"n": 7, "title": "crash on save"}, {"n": 9, "title": "typo"}])
+            return JSONResponse({"ok": True}, status_code=201)
+
+        return Starlette(routes=[Route("/{path:path}", handle, methods=["GET", "POST"])])
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Upstream]:
+        server = uvicorn.Server(
+            uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_config=None)
+        )
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():  # noqa: ASYNC110 - a flag, not an event
+            await asyncio.sleep(0.01)
+        try:
+            yield self
+        finally:
+            server.should_exit = True
+            await task
 
 
 async def run_demo(base: str, services: Services, console: Console | None = None) -> bool:
@@ -91,7 +144,10 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
 
     con.print(Panel.fit(f"[bold]taskbound demo[/] against {base}", border_style="cyan"))
     admin_token = (await create_admin_token(services.storage, services.clock, "demo")).token
-    async with httpx.AsyncClient(base_url=base, timeout=10.0) as http:
+    async with (
+        Upstream().running() as upstream,
+        httpx.AsyncClient(base_url=base, timeout=10.0) as http,
+    ):
         admin = {"Authorization": f"Bearer {admin_token}"}
 
         say("An admin registers an owner, two tools and an agent (taskbound apply)")
@@ -101,7 +157,8 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
                 {
                     "id": "issues",
                     "audience": f"{base}/issues",
-                    "upstream_url": "https://issues.example.com/api",
+                    # A real tool, served by the demo on loopback (below).
+                    "upstream_url": f"{upstream.base}/api",
                     "kind": "http",
                     "upstream_secret": "demo-upstream-secret-the-agent-never-sees",
                     "actions": [
@@ -166,7 +223,9 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
         body = {
             "intent": {
                 "purpose": "triage new bug reports in acme/web",
-                "constraints": {"repo": "acme/web"},
+                # The default policy pack binds calls to these, and grants writes only
+                # when the intent names them.
+                "constraints": {"org": "acme", "repo": "web", "tiers": ["read", "write"]},
             },
             "on_behalf_of": "alice",
             "scopes": [
@@ -211,6 +270,36 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
             return False
         ok(f"active=true scope={info['scope']} task={info['tsk']} intent={info['intent']!r}")
 
+        say("The agent calls the tool through the gateway")
+        write_token = next(c["access_token"] for c in creds if c["tier"] == "write")
+        r = await agent.tool("GET", "/issues/repos/acme/web/issues", read_token)
+        if r.status_code != 200:
+            bad(f"allowed call refused: {r.text}")
+            return False
+        ok(f"GET /issues/repos/acme/web/issues -> 200, {len(r.json())} issues")
+        seen = upstream.seen[-1]
+        injected = seen.get("authorization", "")
+        if "dpop" in seen or read_token in str(seen) or not injected.startswith("demo-upstream"):
+            bad("the upstream saw the agent's credential or not its own secret")
+            return False
+        ok(f"the upstream got its own secret ({injected[:16]}…), never the agent's credential")
+        r = await agent.tool(
+            "POST",
+            "/issues/repos/acme/web/issues/7/comments",
+            write_token,
+            json={"body": "dup of #3"},
+        )
+        if r.status_code != 201:
+            bad(f"allowed comment refused: {r.text}")
+            return False
+        ok("POST a comment with the write credential -> 201")
+        r = await agent.tool("GET", "/issues/repos/acme/payroll/issues", read_token)
+        _expect(con, r, 403, "a call outside the task's constraint (repo payroll)")
+        r = await agent.tool("GET", "/issues/repos/acme/web/issues", write_token)
+        _expect(con, r, 403, "the write credential used for a read (tiers never mix)")
+        r = await agent.tool("DELETE", "/issues/repos/acme/web", read_token)
+        _expect(con, r, 403, "an admin action no credential covers")
+
         say("Attacks that must fail")
         path = "/v1/tasks"
         replayed = agent.proof("POST", path)
@@ -247,6 +336,8 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
                 bad("a credential is still active after the task ended")
                 return False
         ok(f"all {len(creds) + 1} credentials now introspect as active=false")
+        r = await agent.tool("GET", "/issues/repos/acme/web/issues", read_token)
+        _expect(con, r, 401, "a tool call with a credential of the ended task")
         r = await agent.call(
             "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "issues", "tier": "read"}
         )

@@ -113,14 +113,3 @@ async def test_metrics_count_gateway_decisions(world: World) -> None:
     await world.live.http.get(path, headers=call_headers(agent, token, "GET", path))
     text = (await world.live.http.get("/metrics")).text
     assert 'taskbound_gateway_decisions_total{code="ok",outcome="allow"}' in text
-
-
-async def test_an_upstream_redirect_never_reveals_the_upstream(world: World) -> None:
-    agent, t = await world.task(("tracker", "read"))
-    token = t["creds"]["tracker:read"]
-    # The MCP server redirects /mcp/ to /mcp: through the gateway that is /tracker/ -> /tracker.
-    h = call_headers(agent, token, "GET", "/tracker/")
-    r = await world.live.http.get("/tracker/", headers=h)
-    location = r.headers.get("location")
-    assert location is None or location.startswith(world.live.base + "/tracker")
-    assert "127.0.0.1:" + world.live.base.rsplit(":", 1)[1] in (location or world.live.base)

@@ -660,10 +660,9 @@ def create_app(
         middleware=[
             Middleware(
                 LimitsMiddleware,
+                # The gateway enforces its own limit, so that the refusal is audited.
                 max_body=lambda path: (
-                    settings.server.max_body_bytes
-                    if path.startswith(BROKER_PREFIXES)
-                    else settings.gateway.max_body_bytes
+                    settings.server.max_body_bytes if path.startswith(BROKER_PREFIXES) else None
                 ),
                 max_headers=settings.server.max_header_bytes,
             )

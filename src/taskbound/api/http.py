@@ -95,7 +95,7 @@ class LimitsMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, max_body: int | Callable[[str], int], max_headers: int
+        self, app: ASGIApp, *, max_body: int | Callable[[str], int | None], max_headers: int
     ) -> None:
         self.app = app
         # One limit, or one per path (the gateway takes larger bodies than the broker).
@@ -111,6 +111,10 @@ class LimitsMiddleware:
             await problem(HeadersTooLarge())(scope, receive, send)
             return
         max_body = self.max_body_for(scope.get("path", ""))
+        if max_body is None:
+            # This path enforces (and audits) its own body limit.
+            await self.app(scope, receive, send)
+            return
         for key, value in scope["headers"]:
             if key == b"content-length":
                 try:

@@ -11,11 +11,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urljoin
 
+import aiohttp
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -36,12 +38,11 @@ from taskbound.core.model import AuditEvent, Tool, ToolKind
 from taskbound.core.policy import Decision
 from taskbound.core.tokens import CredentialClaims
 from taskbound.errors import TaskboundError
-from taskbound.gateway.checks import Admitted, Checks, Refusal
+from taskbound.gateway.checks import Admitted, Checks, Expiring, Refusal
 from taskbound.gateway.proxy import (
     Upstream,
     downstream_headers,
     relay,
-    sse_events,
     transform_sse_event,
     upstream_headers,
 )
@@ -127,14 +128,15 @@ class Gateway:
         self.audit_writer = AuditWriter(services.storage)
         services.closers.append(self.upstream.close)
         services.closers.append(self.audit_writer.close)
-        self._tools: dict[str, tuple[float, Tool | None]] = {}
+        # Bounded: unknown names cost a lookup, never unbounded memory.
+        self._tools = Expiring(10_000)
         self._routers: dict[str, tuple[Tool, HttpRouter]] = {}
         self._secrets: dict[str, str | None] = {}
         services.events.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:
         if event.change is Change.TOOL_CHANGED:
-            self._tools.pop(event.key, None)
+            self._tools.discard(event.key)
             self._secrets.pop(event.key, None)
 
     async def close(self) -> None:
@@ -144,11 +146,13 @@ class Gateway:
 
     async def tool(self, tool_id: str) -> Tool | None:
         now = time.monotonic()
-        cached = self._tools.get(tool_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        cached = self._tools.get(tool_id, now)
+        if cached is not None:
+            return cached[0]  # type: ignore[no-any-return]
         tool = await self.s.storage.get_tool(tool_id) if len(tool_id) <= 64 else None
-        self._tools[tool_id] = (now + 2.0, tool)
+        if tool is None:
+            return None  # unknown names are never cached: no memory for strangers to fill
+        self._tools.put(tool_id, (tool,), now + 2.0)
         if tool is not None and (tool_id not in self._routers or self._routers[tool_id][0] != tool):
             self._routers[tool_id] = (tool, HttpRouter.for_tool(tool))
             self._secrets.pop(tool_id, None)
@@ -204,7 +208,7 @@ class Gateway:
                 verified=lambda claims: setattr(record, "claims", claims),
             )
             record.admitted = admitted
-            body = await request.body()
+            body = await self._body(request)
             if tool.kind is ToolKind.MCP:
                 return await self._mcp(request, tool, rest, body, record)
             return await self._http(request, tool, rest, body, record)
@@ -219,8 +223,24 @@ class Gateway:
         except Exception as exc:
             log.exception("gateway error", extra={"tool": tool_id})
             failure = TaskboundError(internal=f"unexpected {type(exc).__name__}")
-            status = 502 if _is_upstream(exc) else 500
-            return await self._refused(record, failure, "gateway_error", status)
+            status = _upstream_status(exc) or 500
+            code = "upstream_timeout" if status == 504 else "gateway_error"
+            return await self._refused(record, failure, code, status)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (and so audited) past ``gateway.max_body_bytes``."""
+        limit = self.s.settings.gateway.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = Refusal("payload_too_large", 413, "the request body is too large")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _refused(
         self, record: CallRecord, err: TaskboundError, code: str, status: int
@@ -271,7 +291,7 @@ class Gateway:
         record.decision = self.checks.decide(
             record.admitted, tool, match.action, match.params, rest or "/"
         )
-        return await self._forward(request, tool, rest, body, record)
+        return await self._forward(request, tool, rest, body, [record])
 
     async def _forward(
         self,
@@ -279,52 +299,70 @@ class Gateway:
         tool: Tool,
         rest: str,
         body: bytes,
-        record: CallRecord,
+        records: list[CallRecord],
         transform: Callable[[Any], Any] | None = None,
     ) -> Response:
+        """Send the call upstream and answer with its response. With ``transform`` (MCP
+        filtering) the response is read and transformed before anything is recorded or
+        sent, and an unexpected media type fails closed. Every record is written before
+        the response leaves."""
         url = tool.upstream_url.rstrip("/") + rest
         if request.url.query:
             url += "?" + request.url.query
+        secret = await self.secret(tool)
         headers = upstream_headers(
-            request.headers.items(), tool.upstream_auth_header, await self.secret(tool)
+            request.headers.items(),
+            tool.upstream_auth_header,
+            secret,
+            # A response we must read and rewrite is asked for uncompressed.
+            drop=("accept-encoding",) if transform is not None else (),
         )
         response = await self.upstream.send(request.method, url, headers, body)
+        out_headers = downstream_headers(
+            response.headers,
+            drop_length=transform is not None,
+            secret=secret,
+            location=self._location(tool, str(response.url), response.headers),
+        )
+        content: bytes | None = None
+        if transform is not None:
+            try:
+                raw = await response.content.read(MAX_TRANSFORMED_BYTES + 1)
+            finally:
+                response.release()
+            media = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            content = _transformed(media, raw, transform)
+            if content is None:
+                raise Refusal(
+                    "upstream_unexpected",
+                    502,
+                    "the tool answered in a form the gateway refuses",
+                    internal=f"cannot filter an upstream answer of type {media!r} "
+                    f"({len(raw)} bytes)",
+                )
         try:
-            await self.audit(record, "allow", None, None, response.status)
+            for record in records:
+                await self.audit(record, "allow", None, None, response.status)
         except AuditUnavailable:
             response.release()
             raise
-        ctype = response.headers.get("content-type", "")
-        out_headers = downstream_headers(response.headers, drop_length=transform is not None)
-        for name in [k for k in out_headers if k.lower() == "location"]:
-            # Never reveal the upstream's address: a redirect within the upstream becomes
-            # one within the gateway; any other is dropped.
-            location = out_headers.pop(name)
-            upstream_root = tool.upstream_url.rstrip("/")
-            if location.startswith(upstream_root):
-                gateway_root = f"{self.s.settings.public_url}/{tool.id}"
-                out_headers["Location"] = gateway_root + location[len(upstream_root) :]
-        if transform is not None and ctype.startswith("application/json"):
-            try:
-                data = json.loads(await response.read())
-            finally:
-                response.release()
-            return JSONResponse(
-                transform(data),
-                status_code=response.status,
-                headers=out_headers,
-            )
-        if transform is not None and ctype.startswith("text/event-stream"):
-            return StreamingResponse(
-                _sse(response, transform),
-                status_code=response.status,
-                headers=out_headers,
-            )
-        return StreamingResponse(
-            relay(response),
-            status_code=response.status,
-            headers=out_headers,
+        if content is not None:
+            return _raw_response(Response(content, status_code=response.status), out_headers)
+        return _raw_response(
+            StreamingResponse(relay(response), status_code=response.status), out_headers
         )
+
+    def _location(self, tool: Tool, request_url: str, headers: Any) -> str | None:
+        """Where an upstream redirect may point the agent: only within the tool, written
+        as a gateway URL. The upstream's own address is never revealed."""
+        location = headers.get("location")
+        if location is None:
+            return None
+        target = urljoin(request_url, location)
+        root = tool.upstream_url.rstrip("/")
+        if target == root or target.startswith(root + "/") or target.startswith(root + "?"):
+            return f"{self.s.settings.public_url}/{tool.id}{target[len(root) :]}"
+        return None
 
     # --- MCP tools ---------------------------------------------------------------------
 
@@ -333,10 +371,19 @@ class Gateway:
     ) -> Response:
         assert record.admitted is not None
         claims = record.admitted.claims
+        if rest not in ("", "/"):
+            # An MCP tool is one endpoint: nothing below it is reachable through us.
+            raise Refusal(
+                "no_matching_action",
+                403,
+                "an MCP tool is reached at its endpoint only",
+                internal=f"MCP path {rest!r} below the tool's endpoint",
+            )
+        rest = ""
         if request.method in ("GET", "DELETE"):
             # The server-to-client stream and session termination of streamable HTTP.
             record.action = f"mcp:{request.method}"
-            return await self._forward(request, tool, rest, body, record)
+            return await self._forward(request, tool, rest, body, [record])
         if request.method != "POST":
             raise Refusal("method_not_allowed", 405, "MCP endpoints take GET, POST or DELETE")
         messages, is_batch = parse_jsonrpc(body)
@@ -347,33 +394,38 @@ class Gateway:
             messages, is_batch, request.headers.get("mcp-method"), request.headers.get("mcp-name")
         )
         refused: list[dict[str, Any]] = []
-        allowed: list[McpMessage] = []
+        allowed: list[tuple[McpMessage, CallRecord]] = []
         lists: set[Any] = set()
         for message in messages:
+            # One record per message: the audit says exactly what each call was.
+            own = CallRecord(
+                tool=record.tool,
+                started=record.started,
+                claims=record.claims,
+                admitted=record.admitted,
+            )
             try:
-                self._mcp_decide(message, tool, record)
-                allowed.append(message)
-                if message.method == "tools/list" and message.id is not None:
-                    lists.add(message.id)
+                self._mcp_decide(message, tool, own)
             except Refusal as refusal:
-                await self.audit(
-                    record,
-                    "approval_required" if refusal.code == "approval_required" else "deny",
-                    refusal.code,
-                    refusal.internal,
-                )
+                if refusal.decision is not None:
+                    own.decision = refusal.decision
+                outcome = "approval_required" if refusal.code == "approval_required" else "deny"
+                await self.audit(own, outcome, refusal.code, refusal.internal)
                 if message.id is not None:
                     refused.append(_jsonrpc_error(message.id, refusal))
+                continue
+            allowed.append((message, own))
+            if message.method == "tools/list" and message.id is not None:
+                lists.add(message.id)
         if not allowed:
             if not refused:
                 return Response(status_code=202)
             return JSONResponse(refused if is_batch else refused[0])
         if is_batch:
             original = json.loads(body)
-            keep = {id(m) for m in allowed}
+            keep = {id(m) for m, _ in allowed}
             forward = [raw for raw, m in zip(original, messages, strict=True) if id(m) in keep]
             body = json.dumps(forward, separators=(",", ":")).encode()
-        record.action = record.action if len(allowed) == 1 else "mcp:batch"
 
         def transform(message: Any) -> Any:
             if isinstance(message, list):
@@ -382,9 +434,10 @@ class Gateway:
                 _filter_tools(message, tool, claims.tier.value, set(claims.actions))
             return message
 
+        records = [own for _, own in allowed]
         if refused or lists:
-            return await self._forward(request, tool, rest, body, record, transform)
-        return await self._forward(request, tool, rest, body, record)
+            return await self._forward(request, tool, rest, body, records, transform)
+        return await self._forward(request, tool, rest, body, records)
 
     def _mcp_decide(self, message: McpMessage, tool: Tool, record: CallRecord) -> None:
         assert record.admitted is not None
@@ -392,10 +445,8 @@ class Gateway:
         if message.method == "tools/call":
             name = message.tool_name or ""
             action = mcp_tool_action(tool, name)
-            record.action, record.digest = (
-                (action.name if action else name),
-                argument_digest(dict(message.arguments)),
-            )
+            record.action = action.name if action else name
+            record.digest = argument_digest(dict(message.arguments))
             if action is None:
                 raise Refusal(
                     "no_matching_action",
@@ -410,14 +461,13 @@ class Gateway:
                 record.admitted, tool, action, message.arguments, name
             )
             return
+        record.action = f"mcp:{message.method}"
         if message.method == "tools/list":
-            record.action = record.action or "mcp:tools/list"
             return
         if any(
             fnmatchcase(message.method, pattern)
             for pattern in self.s.settings.gateway.mcp_pass_methods
         ):
-            record.action = record.action or f"mcp:{message.method}"
             return
         raise Refusal(
             "method_not_allowed",
@@ -471,9 +521,34 @@ def _jsonrpc_error(message_id: Any, refusal: Refusal) -> dict[str, Any]:
     }
 
 
-async def _sse(response: Any, transform: Callable[[Any], Any]) -> AsyncIterator[bytes]:
-    async for event in sse_events(response):
-        yield (transform_sse_event(event, transform) + "\n\n").encode()
+MAX_TRANSFORMED_BYTES = 16 * 1024 * 1024
+
+
+def _transformed(media: str, raw: bytes, transform: Callable[[Any], Any]) -> bytes | None:
+    """The upstream answer with ``transform`` applied, or None when it cannot be (too
+    large, not JSON or SSE, malformed): the caller then fails closed."""
+    if len(raw) > MAX_TRANSFORMED_BYTES:
+        return None
+    try:
+        if media == "application/json":
+            return json.dumps(transform(json.loads(raw)), separators=(",", ":")).encode()
+        if media == "text/event-stream":
+            events = raw.decode("utf-8").replace("\r\n", "\n").split("\n\n")
+            out = [transform_sse_event(e, transform) for e in events if e.strip()]
+            return ("\n\n".join(out) + "\n\n").encode()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return None
+
+
+def _raw_response(response: Response, headers: list[tuple[str, str]]) -> Response:
+    """``response`` plus the upstream's headers as a list, so repeated headers (Set-Cookie,
+    Link) stay repeated."""
+    response.raw_headers = [
+        *response.raw_headers,
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers),
+    ]
+    return response
 
 
 def _problem(
@@ -493,8 +568,14 @@ def _problem(
     )
 
 
-def _is_upstream(exc: Exception) -> bool:
-    return type(exc).__module__.startswith("aiohttp")
+def _upstream_status(exc: Exception) -> int | None:
+    """502 when the upstream failed, 504 when it was too slow; None when it is not the
+    upstream's doing."""
+    if isinstance(exc, TimeoutError):
+        return 504
+    if isinstance(exc, aiohttp.ClientError):
+        return 502
+    return None
 
 
 class ToolIdConvertor(Convertor[str]):

@@ -117,7 +117,7 @@ class Admitted:
     live: Live
 
 
-class _Expiring:
+class Expiring:
     """A bounded LRU whose entries also expire (monotonic seconds)."""
 
     def __init__(self, size: int) -> None:
@@ -141,6 +141,9 @@ class _Expiring:
         self._items.move_to_end(key)
         while len(self._items) > self._size:
             self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def discard(self, key: str) -> None:
         self._items.pop(key, None)
@@ -212,8 +215,8 @@ class Checks:
         gw = settings.gateway
         self._leeway = timedelta(seconds=settings.credentials.clock_leeway_seconds)
         self._iat_window = timedelta(seconds=settings.dpop.iat_window_seconds)
-        self._verified = _Expiring(gw.credential_cache_entries)
-        self._live = _Expiring(gw.credential_cache_entries)
+        self._verified = Expiring(gw.credential_cache_entries)
+        self._live = Expiring(gw.credential_cache_entries)
         self._live_ttl = gw.liveness_ttl_seconds
         self._rate = CallRate()
         self.nonces = NonceIssuer(

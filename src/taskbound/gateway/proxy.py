@@ -25,26 +25,57 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Never forwarded upstream: the agent's credential and proof, and what the client
-# library sets for this hop.
-STRIPPED_UPSTREAM = HOP_BY_HOP | {"authorization", "dpop", "host", "content-length"}
+# Never forwarded upstream: the agent's credential and proof, what the client library sets
+# for this hop, and headers that ask a server to act on another method or path than the one
+# the gateway decided on.
+STRIPPED_UPSTREAM = HOP_BY_HOP | {
+    "authorization",
+    "dpop",
+    "host",
+    "content-length",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-prefix",
+    "x-forwarded-port",
+}
+# Dropped from the upstream's answer: this hop's own (the server sets its Date).
+STRIPPED_DOWNSTREAM = HOP_BY_HOP | {"date", "server", "location"}
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    return {t.strip().lower() for t in headers.get("connection", "").split(",") if t.strip()}
+def _connection_tokens(headers: list[tuple[str, str]]) -> set[str]:
+    return {
+        t.strip().lower()
+        for k, v in headers
+        if k.lower() == "connection"
+        for t in v.split(",")
+        if t.strip()
+    }
 
 
 def upstream_headers(
-    incoming: list[tuple[str, str]], secret_header: str, secret: str | None
+    incoming: list[tuple[str, str]],
+    secret_header: str,
+    secret: str | None,
+    drop: tuple[str, ...] = (),
 ) -> list[tuple[str, str]]:
-    named = {
-        t.strip().lower() for k, v in incoming if k.lower() == "connection" for t in v.split(",")
-    }
+    """The request headers for the upstream: the agent's credential and proof removed,
+    hop-by-hop and override headers removed, and the tool's secret as the only value of
+    its header."""
+    named = _connection_tokens(incoming)
     out = [
         (k, v)
         for k, v in incoming
         if k.lower() not in STRIPPED_UPSTREAM
         and k.lower() not in named
+        and k.lower() not in drop
         and k.lower() != secret_header.lower()
     ]
     if secret is not None:
@@ -52,15 +83,29 @@ def upstream_headers(
     return out
 
 
-def downstream_headers(upstream: Mapping[str, str], *, drop_length: bool) -> dict[str, str]:
-    named = _connection_tokens(upstream)
-    return {
-        k: v
-        for k, v in upstream.items()
-        if k.lower() not in HOP_BY_HOP
+def downstream_headers(
+    upstream: Mapping[str, str],
+    *,
+    drop_length: bool,
+    secret: str | None,
+    location: str | None,
+) -> list[tuple[str, str]]:
+    """The response headers for the agent, as a list (repeated headers kept): hop-by-hop
+    removed, never a header that carries the tool's secret, and a Location only as the
+    gateway URL the caller worked out."""
+    items = list(upstream.items())
+    named = _connection_tokens(items)
+    out = [
+        (k, v)
+        for k, v in items
+        if k.lower() not in STRIPPED_DOWNSTREAM
         and k.lower() not in named
         and not (drop_length and k.lower() == "content-length")
-    }
+        and not (secret and secret in v)
+    ]
+    if location is not None:
+        out.append(("location", location))
+    return out
 
 
 class Upstream:
