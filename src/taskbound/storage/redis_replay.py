@@ -1,6 +1,6 @@
 """A replay cache in Redis, shared by every broker and gateway replica (DESIGN.md §6).
 
-Each :meth:`RedisReplayCache.seen` is one atomic ``SET <key> 1 NX PXAT <expires_at ms>``:
+Each :meth:`RedisReplayCache.seen` is one atomic ``SET <key> 1 NX PX <ms left>``:
 Redis decides which of any number of concurrent callers, on any replica, saw a key first,
 and forgets the key by itself when it expires. Keys are ``taskbound:replay:`` followed by
 the SHA-256 (hex) of the caller's key, so any input, however long or odd, makes a short,
@@ -12,14 +12,15 @@ There is no size limit to fail closed on; Redis's own ``maxmemory`` policy must 
 these keys (``noeviction`` or a ``volatile-*`` policy on a dedicated database: a refused
 write is a StorageError, an evicted key would be a replay let through).
 
-Expiry runs on the Redis server's clock, at the absolute time ``expires_at`` (rounded up
-to the millisecond), so replicas with slightly different clocks still agree.
+The key lives for the time left until ``expires_at`` as the caller counts it (``expires_at
+- now``, rounded up to the millisecond): a relative lifetime, so neither the Redis host's
+clock nor a skew between hosts can shorten it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 from redis.asyncio import Redis
@@ -37,7 +38,6 @@ DEFAULT_TIMEOUT_S = 2.0
 # found before a request needs it).
 _HEALTH_CHECK_INTERVAL_S = 30
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
@@ -47,8 +47,8 @@ def replay_key(key: str, prefix: str = KEY_PREFIX) -> str:
     return prefix + digest
 
 
-def _epoch_ms_ceil(when: datetime) -> int:
-    return -((_EPOCH - when) // _MS)
+def _ms_ceil(left: timedelta) -> int:
+    return max(1, -(-left // _MS))
 
 
 def _url_secrets(url: str) -> tuple[str, ...]:
@@ -100,7 +100,7 @@ class RedisReplayCache:
             return True
         try:
             created = await self._client.set(
-                replay_key(key, self._prefix), b"1", nx=True, pxat=_epoch_ms_ceil(expires_at)
+                replay_key(key, self._prefix), b"1", nx=True, px=_ms_ceil(expires_at - now)
             )
         except (RedisError, OSError) as exc:
             raise self._error(exc) from exc
