@@ -132,7 +132,7 @@ async def bench(tasks: int) -> None:
 
         request = StartTaskRequest(
             purpose="bench",
-            constraints={"repo": "acme/web"},
+            constraints={"repo": "acme/web", "tiers": ["read", "write"]},
             on_behalf_of="alice",
             scopes=tuple(ScopeRequest(s["tool"], Tier(s["tier"])) for s in SCOPES),
             ttl_seconds=600,
@@ -164,7 +164,10 @@ async def bench(tasks: int) -> None:
             await asyncio.sleep(0.01)
         await create_admin_token(services.storage, clock, "bench")
         body = {
-            "intent": {"purpose": "bench", "constraints": {"repo": "acme/web"}},
+            "intent": {
+                "purpose": "bench",
+                "constraints": {"repo": "acme/web", "tiers": ["read", "write"]},
+            },
             "on_behalf_of": "alice",
             "scopes": SCOPES,
             "ttl_seconds": 600,
