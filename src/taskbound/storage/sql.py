@@ -79,7 +79,9 @@ _BEGIN_OPTION = "taskbound_sqlite_begin"
 _ID_CHUNK = 500
 
 _ACTIVE = TaskState.ACTIVE.value
-_AUDIT_INSERT = t.audit_events.insert().returning(t.audit_events.c.seq)
+_AUDIT_INSERT = t.audit_events.insert().returning(
+    t.audit_events.c.seq, sort_by_parameter_order=True
+)
 
 # pg_advisory_xact_lock key held by append_audit: the bytes of "tb:audit" as a bigint.
 _POSTGRES_AUDIT_LOCK = 0x74623A6175646974
@@ -703,14 +705,12 @@ class SqlStorage:
                 await conn.execute(
                     select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
                 )
-            seqs = []
-            # One statement per row keeps the numbers in the given order on both dialects;
-            # the statement is built once and only its parameters change.
-            for row in rows:
-                seq = await conn.scalar(_AUDIT_INSERT, row)
-                if seq is None:
-                    raise TaskboundError(internal="audit_events: insert returned no sequence")
-                seqs.append(int(seq))
+            # One multi-row INSERT ... RETURNING ("insertmanyvalues"); the returned numbers
+            # come back in the order of the given rows.
+            result = await conn.execute(_AUDIT_INSERT, rows)
+            seqs = [int(seq) for seq in result.scalars().all()]
+        if len(seqs) != len(rows):
+            raise TaskboundError(internal="audit_events: insert returned no sequence")
         return seqs
 
     async def list_audit(
