@@ -44,6 +44,7 @@ from taskbound.core.model import CredentialRecord, KeyPurpose, Task, TaskFilter,
 from taskbound.errors import (
     Forbidden,
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     StorageError,
     TaskboundError,
@@ -650,8 +651,6 @@ def create_app(
         return problem(NotFound())
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
-        from taskbound.errors import MethodNotAllowed
-
         return problem(MethodNotAllowed())
 
     return Starlette(

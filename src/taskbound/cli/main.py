@@ -13,6 +13,7 @@ from taskbound.cli.common import console, handled, print_json
 from taskbound.cli.operate import ConfigOption, admin_app, identity_app, keys_app, tasks_app
 from taskbound.cli.policy import policy_app
 from taskbound.cli.registry import agents_app, apply, owners_app, tools_app
+from taskbound.config import Settings, load_settings
 
 app = typer.Typer(
     name="taskbound",
@@ -33,8 +34,7 @@ app.add_typer(policy_app, name="policy")
 app.command("apply")(apply)
 
 
-def _settings(config: str | None, **overrides: object):  # type: ignore[no-untyped-def]
-    from taskbound.config import load_settings
+def _settings(config: str | None, **overrides: object) -> Settings:
 
     nested: dict[str, dict[str, object]] = {}
     for key, value in overrides.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -20,6 +21,7 @@ from taskbound.cli.common import (
 )
 from taskbound.core.model import Tool
 from taskbound.core.policy import CompiledPolicies, Decision, PolicyInvalid, PolicySource
+from taskbound.service.policy_cases import CaseResult
 
 policy_app = typer.Typer(
     help="Policy-as-code: validate, test, explain and diff Cedar policy sets.",
@@ -163,7 +165,7 @@ def run_tests(
         raise typer.Exit(1)
 
 
-def _result_json(r) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _result_json(r: CaseResult) -> dict[str, Any]:
     return {
         "file": r.case.file,
         "name": r.case.spec.name,

@@ -146,9 +146,9 @@ class Gateway:
 
     async def tool(self, tool_id: str) -> Tool | None:
         now = time.monotonic()
-        cached = self._tools.get(tool_id, now)
+        cached: tuple[Tool] | None = self._tools.get(tool_id, now)
         if cached is not None:
-            return cached[0]  # type: ignore[no-any-return]
+            return cached[0]
         tool = await self.s.storage.get_tool(tool_id) if len(tool_id) <= 64 else None
         if tool is None:
             return None  # unknown names are never cached: no memory for strangers to fill

@@ -43,7 +43,6 @@ from taskbound.core.tokens import CredentialClaims, verify_credential
 from taskbound.errors import (
     InvalidDPoPProof,
     InvalidToken,
-    StorageError,
     TaskboundError,
     UseDPoPNonce,
 )
@@ -326,12 +325,9 @@ class Checks:
         now = self._clock.now()
         live: Live | None = self._live.get(claims.jti, time.monotonic())
         if live is None:
-            try:
-                record = await self._storage.get_credential(claims.jti)
-                task = await self._storage.get_task(claims.task_id)
-                inputs = await self._storage.load_grant_inputs(claims.subject, claims.owner_id, [])
-            except StorageError:
-                raise
+            record = await self._storage.get_credential(claims.jti)
+            task = await self._storage.get_task(claims.task_id)
+            inputs = await self._storage.load_grant_inputs(claims.subject, claims.owner_id, [])
             if record is None or task is None or inputs.agent is None or inputs.owner is None:
                 raise invalid_token("credential, task, agent or owner unknown")
             live = Live(record, task, inputs.agent, inputs.owner)
