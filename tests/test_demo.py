@@ -11,15 +11,15 @@ from pathlib import Path
 from tests.api.conftest import free_port
 
 
-def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
+def run_demo(home: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKBOUND_")} | {
-        "HOME": str(tmp_path),
-        "XDG_DATA_HOME": str(tmp_path / "data"),
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CONFIG_HOME": str(home / "config"),
         "COLUMNS": "160",
     }
     exe = Path(sys.executable).with_name("taskbound")
-    result = subprocess.run(
+    return subprocess.run(
         [str(exe), "serve", "--demo", "--exit-after-demo", "--port", str(free_port())],
         env=env,
         capture_output=True,
@@ -27,6 +27,10 @@ def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
+
+
+def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
+    result = run_demo(tmp_path)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     for needle in (
@@ -49,3 +53,13 @@ def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
     assert kek.exists()
     assert oct(kek.stat().st_mode & 0o777) == "0o600"
     assert "demo-upstream-secret" not in result.stderr  # nothing secret in the logs
+
+
+def test_the_demo_runs_again_on_the_same_data_on_another_port(tmp_path: Path) -> None:
+    """A second run keeps the first run's tools (their audiences never move) and uses ids
+    of its own."""
+    first = run_demo(tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = run_demo(tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "demo complete" in second.stdout

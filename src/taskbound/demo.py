@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import secrets
 import socket
@@ -151,12 +152,13 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
         admin = {"Authorization": f"Bearer {admin_token}"}
 
         say("An admin registers an owner, two tools and an agent (taskbound apply)")
+        issues, deploy = await _tool_ids(http, admin, base)
         doc = {
             "owners": [{"id": "alice", "contact": "alice@example.com", "roles": ["approver"]}],
             "tools": [
                 {
-                    "id": "issues",
-                    "audience": f"{base}/issues",
+                    "id": issues,
+                    "audience": f"{base}/{issues}",
                     # A real tool, served by the demo on loopback (below).
                     "upstream_url": f"{upstream.base}/api",
                     "kind": "http",
@@ -185,8 +187,8 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
                     ],
                 },
                 {
-                    "id": "deploy",
-                    "audience": f"{base}/deploy",
+                    "id": deploy,
+                    "audience": f"{base}/{deploy}",
                     "upstream_url": "https://deploy.example.com/api",
                     "kind": "http",
                     "actions": [
@@ -199,8 +201,8 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
                     "spiffe_id": AGENT,
                     "owner": "alice",
                     "ceiling": [
-                        {"tool": "issues", "tier": "read"},
-                        {"tool": "issues", "tier": "write"},
+                        {"tool": issues, "tier": "read"},
+                        {"tool": issues, "tier": "write"},
                     ],
                     "description": "triages bug reports",
                 }
@@ -212,7 +214,7 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
             return False
         res = r.json()
         ok(f"created {', '.join(res['created']) or 'nothing'}; unchanged {len(res['unchanged'])}")
-        ok(f"agent {AGENT} may ever request only issues:read and issues:write")
+        ok(f"agent {AGENT} may ever request only {issues}:read and {issues}:write")
 
         say("The agent proves what it is: a JWT-SVID from the development issuer")
         r = await http.post("/v1/admin/dev/identity", json={"spiffe_id": AGENT}, headers=admin)
@@ -229,9 +231,9 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
             },
             "on_behalf_of": "alice",
             "scopes": [
-                {"tool": "issues", "tier": "read"},
-                {"tool": "issues", "tier": "write", "actions": ["comment"]},
-                {"tool": "deploy", "tier": "admin"},
+                {"tool": issues, "tier": "read"},
+                {"tool": issues, "tier": "write", "actions": ["comment"]},
+                {"tool": deploy, "tier": "admin"},
             ],
             "ttl_seconds": 900,
         }
@@ -272,7 +274,7 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
 
         say("The agent calls the tool through the gateway")
         write_token = next(c["access_token"] for c in creds if c["tier"] == "write")
-        r = await agent.tool("GET", "/issues/repos/acme/web/issues", read_token)
+        r = await agent.tool("GET", f"/{issues}/repos/acme/web/issues", read_token)
         if r.status_code != 200:
             bad(f"allowed call refused: {r.text}")
             return False
@@ -285,7 +287,7 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
         ok(f"the upstream got its own secret ({injected[:16]}…), never the agent's credential")
         r = await agent.tool(
             "POST",
-            "/issues/repos/acme/web/issues/7/comments",
+            f"/{issues}/repos/acme/web/issues/7/comments",
             write_token,
             json={"body": "dup of #3"},
         )
@@ -293,11 +295,11 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
             bad(f"allowed comment refused: {r.text}")
             return False
         ok("POST a comment with the write credential -> 201")
-        r = await agent.tool("GET", "/issues/repos/acme/payroll/issues", read_token)
+        r = await agent.tool("GET", f"/{issues}/repos/acme/payroll/issues", read_token)
         _expect(con, r, 403, "a call outside the task's constraint (repo payroll)")
-        r = await agent.tool("GET", "/issues/repos/acme/web/issues", write_token)
+        r = await agent.tool("GET", f"/{issues}/repos/acme/web/issues", write_token)
         _expect(con, r, 403, "the write credential used for a read (tiers never mix)")
-        r = await agent.tool("DELETE", "/issues/repos/acme/web", read_token)
+        r = await agent.tool("DELETE", f"/{issues}/repos/acme/web", read_token)
         _expect(con, r, 403, "an admin action no credential covers")
 
         say("Attacks that must fail")
@@ -308,17 +310,17 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
         _expect(con, r, 401, "a replayed DPoP proof")
         thief = _Agent(base, http, agent.identity)
         r = await thief.call(
-            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "issues", "tier": "read"}
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": issues, "tier": "read"}
         )
         _expect(con, r, 404, "a fresh credential asked with another DPoP key")
         r = await agent.call(
-            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "deploy", "tier": "admin"}
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": deploy, "tier": "admin"}
         )
         _expect(con, r, 403, "a credential for a scope the task was never granted")
 
         say("The agent refreshes a credential while the task lives")
         r = await agent.call(
-            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "issues", "tier": "read"}
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": issues, "tier": "read"}
         )
         if r.status_code != 201:
             bad(f"refresh failed: {r.text}")
@@ -336,10 +338,10 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
                 bad("a credential is still active after the task ended")
                 return False
         ok(f"all {len(creds) + 1} credentials now introspect as active=false")
-        r = await agent.tool("GET", "/issues/repos/acme/web/issues", read_token)
+        r = await agent.tool("GET", f"/{issues}/repos/acme/web/issues", read_token)
         _expect(con, r, 401, "a tool call with a credential of the ended task")
         r = await agent.call(
-            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": "issues", "tier": "read"}
+            "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": issues, "tier": "read"}
         )
         _expect(con, r, 409, "a new credential for the ended task")
 
@@ -349,6 +351,17 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
         )
     )
     return True
+
+
+async def _tool_ids(http: httpx.AsyncClient, admin: dict[str, str], base: str) -> tuple[str, str]:
+    """The demo's tool ids. A data directory that already holds the demo's tools for
+    another base URL keeps them (a tool's audience never moves), so this run uses ids of
+    its own."""
+    r = await http.get("/v1/admin/tools/issues", headers=admin)
+    if r.status_code != 200 or r.json().get("audience") == f"{base}/issues":
+        return "issues", "deploy"
+    suffix = hashlib.sha256(base.encode()).hexdigest()[:6]
+    return f"issues-{suffix}", f"deploy-{suffix}"
 
 
 def _expect(con: Console, r: httpx.Response, status: int, what: str) -> None:
