@@ -997,8 +997,13 @@ async def test_leaving_active_revokes_the_agents_tasks_for_good(
     assert got.ended_at == later
     (cred,) = await storage.list_credentials(task.id)
     assert cred.revoked_at == later
-    # Re-activating brings nothing back.
-    await storage.update_agent(make_agent(clock.now(), updated_at=clock.advance(5)))
+    # Re-activating brings nothing back; a retired agent cannot come back at all.
+    if state is AgentState.RETIRED:
+        with pytest.raises(Conflict):
+            await storage.update_agent(make_agent(clock.now(), updated_at=clock.advance(5)))
+        assert (await storage.get_agent(AGENT)).state is AgentState.RETIRED  # type: ignore[union-attr]
+    else:
+        await storage.update_agent(make_agent(clock.now(), updated_at=clock.advance(5)))
     assert (await storage.get_task(task.id)).state is TaskState.REVOKED  # type: ignore[union-attr]
     assert (await storage.get_credential("c1")).revoked_at == later  # type: ignore[union-attr]
 

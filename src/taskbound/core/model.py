@@ -63,6 +63,7 @@ class KeyPurpose(StrEnum):
 
     CREDENTIALS = "credentials"
     DEV_IDENTITY = "dev_identity"
+    SIGNALS = "signals"  # Security Event Tokens sent to Shared Signals receivers
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,3 +275,36 @@ class AuditEvent:
     latency_ms: float | None = None
     upstream_status: int | None = None
     detail: str | None = None  # internal reason, never a secret
+
+
+class RevocationKind(StrEnum):
+    """What one entry of the revocation log is about (its ``subject``)."""
+
+    CREDENTIAL = "credential"  # subject: the credential's jti
+    TASK = "task"  # subject: the task id; every credential of the task is dead
+    AGENT = "agent"  # subject: the SPIFFE ID; ``state`` is the agent's new state
+    OWNER = "owner"  # subject: the owner id; ``state`` is "disabled" or "enabled"
+    KEY = "key"  # subject: the kid of a withdrawn signing key
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One entry of the revocation log: a change that ends or restores standing.
+
+    Entries are written in the same transaction as the change they describe, numbered
+    ``seq`` in commit order (strictly increasing), so a reader catching up with
+    ``seq > last`` misses none. ``expires_at`` is when the entry stops mattering (the
+    credential's or task's own expiry); None for standing changes (agent, owner, key), which
+    matter until a later entry for the same subject.
+    """
+
+    kind: RevocationKind
+    subject: str
+    time: datetime
+    cause: str  # who or what caused it: "admin:<token id>", "agent", "expiry", "signal:<name>"
+    reason: str
+    expires_at: datetime | None = None
+    state: str | None = None  # AGENT: the new AgentState value; OWNER: "disabled" | "enabled"
+    agent_id: str | None = None  # the agent concerned (task and credential entries)
+    task_id: str | None = None  # the task concerned (credential entries)
+    seq: int = 0  # assigned by the store

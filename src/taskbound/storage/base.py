@@ -26,6 +26,7 @@ from taskbound.core.model import (
     CredentialRecord,
     KeyPurpose,
     Owner,
+    Revocation,
     SigningKey,
     Task,
     TaskFilter,
@@ -45,9 +46,12 @@ class RegistryStore(Protocol):
     """Owners, agents and tools (DESIGN.md §2)."""
 
     async def create_owner(self, owner: Owner) -> None: ...
-    async def update_owner(self, owner: Owner) -> None:
+    async def update_owner(
+        self, owner: Owner, *, cause: str = "system", reason: str | None = None
+    ) -> None:
         """Disabling an owner (``disabled=True``) ends every ACTIVE task on its behalf as
-        REVOKED, with their credentials, in the same transaction (at ``updated_at``)."""
+        REVOKED, with their credentials, in the same transaction (at ``updated_at``).
+        A change of ``disabled`` is logged (an OWNER entry), and so is each task revoked."""
         ...
 
     async def get_owner(self, owner_id: str) -> Owner | None: ...
@@ -57,20 +61,30 @@ class RegistryStore(Protocol):
         """Raises ReferenceError_ when ``agent.owner_id`` is not a registered owner."""
         ...
 
-    async def update_agent(self, agent: Agent) -> None:
+    async def update_agent(
+        self, agent: Agent, *, cause: str = "system", reason: str | None = None
+    ) -> None:
         """An agent that is not ACTIVE has no live task: a state other than ACTIVE ends every
         ACTIVE task of the agent as REVOKED, with their credentials, in the same
-        transaction (at ``updated_at``). Re-activating brings none of them back."""
+        transaction (at ``updated_at``). Re-activating brings none of them back. A change of
+        state is logged (an AGENT entry), and so is each task revoked. RETIRED is final:
+        moving a retired agent to another state is a Conflict, and nothing changes."""
         ...
 
     async def get_agent(self, spiffe_id: str) -> Agent | None: ...
     async def list_agents(self, owner_id: str | None = None) -> list[Agent]: ...
 
     async def set_agent_state(
-        self, spiffe_id: str, state: AgentState, now: datetime
+        self,
+        spiffe_id: str,
+        state: AgentState,
+        now: datetime,
+        *,
+        cause: str = "system",
+        reason: str | None = None,
     ) -> Agent | None:
-        """Set the state (and ``updated_at``); None when the agent does not exist. A state
-        other than ACTIVE revokes the agent's tasks as ``update_agent`` does."""
+        """Set the state (and ``updated_at``); None when the agent does not exist. Logs and
+        revokes as ``update_agent`` does (Conflict for a retired agent)."""
         ...
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None: ...
@@ -115,6 +129,22 @@ class KeyStore(Protocol):
         """Delete retiring keys whose ``retire_after`` has passed; returns how many."""
         ...
 
+    async def withdraw_key(
+        self,
+        kid: str,
+        now: datetime,
+        replacement: SigningKey | None,
+        *,
+        cause: str = "system",
+        reason: str = "signing key withdrawn",
+    ) -> int | None:
+        """Withdraw a (compromised) signing key in one transaction: delete it, make
+        ``replacement`` the active key of its purpose when it was the active one (required
+        then; ValueError without it), revoke every unexpired credential it signed with all
+        their descendants, and log a KEY entry plus one CREDENTIAL entry per credential.
+        Returns how many credentials were revoked; None when no such key is stored."""
+        ...
+
 
 class TaskStore(Protocol):
     """Tasks and the credentials issued for them."""
@@ -137,10 +167,12 @@ class TaskStore(Protocol):
     async def list_credentials(self, task_id: str) -> list[CredentialRecord]: ...
 
     async def end_task(
-        self, task_id: str, state: TaskState, reason: str, now: datetime
+        self, task_id: str, state: TaskState, reason: str, now: datetime, *, cause: str = "agent"
     ) -> tuple[Task, bool] | None:
         """End an ACTIVE task: set ``state``/``ended_at``/``end_reason`` and revoke every
-        credential of the task (``revoked_at=now``, ``revoke_reason=reason``), atomically.
+        credential of the task and every credential derived from them (``revoked_at=now``,
+        ``revoke_reason=reason``), and log a TASK entry (plus a CREDENTIAL entry for each
+        derived credential of another task), atomically.
 
         Returns ``(task, changed)``: ``changed`` is False when the task had already ended
         (it is then returned unchanged). None when no such task exists. ``state`` must not
@@ -148,13 +180,53 @@ class TaskStore(Protocol):
         """
         ...
 
-    async def revoke_credential(self, jti: str, reason: str, now: datetime) -> bool:
-        """Revoke one credential; True if it was live and is now revoked."""
+    async def revoke_credential(
+        self, jti: str, reason: str, now: datetime, *, cause: str = "system"
+    ) -> bool:
+        """Revoke one credential and all its descendants (``parent_jti``, any depth), each
+        logged as a CREDENTIAL entry; True if the named one was live and is now revoked
+        (False, and nothing changed, otherwise)."""
         ...
 
     async def expire_tasks(self, now: datetime) -> list[str]:
         """End every ACTIVE task whose ``expires_at`` <= now as EXPIRED (credentials revoked
-        as in ``end_task``). Returns their ids."""
+        and logged as in ``end_task``, cause "expiry"). Returns their ids."""
+        ...
+
+
+class RevocationStore(Protocol):
+    """The revocation log every gateway follows, and the Shared Signals cursors.
+
+    Entries are appended only by the revoking methods above, in the same transaction as
+    the change. ``seq`` is strictly increasing in commit order, so ``seq > last`` is a safe
+    catch-up. On PostgreSQL each writing transaction notifies the channel
+    ``taskbound_revocations`` on commit.
+    """
+
+    async def list_revocations(
+        self, *, after: int = 0, limit: int = 1000, live_at: datetime | None = None
+    ) -> list[Revocation]:
+        """Entries with ``seq > after``, ascending, at most ``limit`` (>= 1); with
+        ``live_at``, only those that still matter then (``expires_at`` None or later)."""
+        ...
+
+    async def last_revocation_seq(self) -> int:
+        """The highest sequence number stored (0 when the log is empty)."""
+        ...
+
+    async def prune_revocations(self, now: datetime) -> int:
+        """Delete entries whose ``expires_at`` <= now; returns how many."""
+        ...
+
+    async def get_signal_cursor(self, receiver: str) -> int | None:
+        """The last sequence number delivered to ``receiver``; None if never set."""
+        ...
+
+    async def set_signal_cursor(
+        self, receiver: str, seq: int, now: datetime, *, expected: int | None
+    ) -> bool:
+        """Compare-and-set: create the cursor when ``expected`` is None (False if it
+        exists), else move it to ``seq`` only if it still is ``expected``."""
         ...
 
 
@@ -202,7 +274,9 @@ class AuditStore(Protocol):
 
 
 @runtime_checkable
-class Storage(RegistryStore, KeyStore, TaskStore, AdminTokenStore, AuditStore, Protocol):
+class Storage(
+    RegistryStore, KeyStore, TaskStore, RevocationStore, AdminTokenStore, AuditStore, Protocol
+):
     """Everything the broker stores. One object per process, shared by all requests."""
 
     async def check(self) -> None:

@@ -26,6 +26,8 @@ from taskbound.core.model import (
     KeyPurpose,
     KeyState,
     Owner,
+    Revocation,
+    RevocationKind,
     Risk,
     Role,
     Scope,
@@ -457,3 +459,111 @@ def check_audit_query(after: int, limit: int) -> None:
         raise ValueError("list_audit: after must not be negative")
     if limit < 0:
         raise ValueError("list_audit: limit must not be negative")
+
+
+# --- revocation log ----------------------------------------------------------------------
+
+
+def revocation_row(rev: Revocation) -> Row:
+    """The columns of ``rev``, without ``seq`` (the store assigns it)."""
+    return _text_checked(
+        {
+            "kind": RevocationKind(rev.kind).value,
+            "subject": rev.subject,
+            "time": utc(rev.time),
+            "cause": rev.cause,
+            "reason": rev.reason,
+            "expires_at": utc_or_none(rev.expires_at),
+            "state": rev.state,
+            "agent_id": rev.agent_id,
+            "task_id": rev.task_id,
+        }
+    )
+
+
+def revocation_from(row: Mapping[Any, Any]) -> Revocation:
+    return Revocation(
+        seq=int(row["seq"]),
+        kind=RevocationKind(row["kind"]),
+        subject=row["subject"],
+        time=utc(row["time"]),
+        cause=row["cause"],
+        reason=row["reason"],
+        expires_at=utc_or_none(row["expires_at"]),
+        state=row["state"],
+        agent_id=row["agent_id"],
+        task_id=row["task_id"],
+    )
+
+
+def check_revocation_query(after: int, limit: int) -> None:
+    """``ValueError`` for a negative ``after`` or a ``limit`` below 1 of ``list_revocations``."""
+    if after < 0:
+        raise ValueError("list_revocations: after must not be negative")
+    if limit < 1:
+        raise ValueError("list_revocations: limit must be at least 1")
+
+
+RETIRED_IS_FINAL = "a retired agent cannot change state"
+
+
+def task_entry(
+    task_id: str, agent_id: str, expires_at: datetime, now: datetime, cause: str, reason: str
+) -> Revocation:
+    """The log entry of an ended task: it matters until the task's own expiry, past which
+    none of its credentials verifies anyway."""
+    return Revocation(
+        kind=RevocationKind.TASK,
+        subject=task_id,
+        time=now,
+        cause=cause,
+        reason=reason,
+        expires_at=utc(expires_at),
+        agent_id=agent_id,
+        task_id=task_id,
+    )
+
+
+def credential_entry(row: Any, now: datetime, cause: str, reason: str) -> Revocation:
+    """The log entry of one revoked credential, from a (jti, task_id, agent_id, expires_at)
+    row."""
+    return Revocation(
+        kind=RevocationKind.CREDENTIAL,
+        subject=row.jti,
+        time=now,
+        cause=cause,
+        reason=reason,
+        expires_at=utc(row.expires_at),
+        agent_id=row.agent_id,
+        task_id=row.task_id,
+    )
+
+
+def agent_entry(
+    spiffe_id: str, state: AgentState, now: datetime, cause: str, reason: str | None
+) -> Revocation:
+    return Revocation(
+        kind=RevocationKind.AGENT,
+        subject=spiffe_id,
+        time=now,
+        cause=cause,
+        reason=reason or agent_state_reason(state),
+        state=AgentState(state).value,
+        agent_id=spiffe_id,
+    )
+
+
+def owner_entry(owner: Owner, now: datetime, cause: str, reason: str | None) -> Revocation:
+    state = "disabled" if owner.disabled else "enabled"
+    return Revocation(
+        kind=RevocationKind.OWNER,
+        subject=owner.id,
+        time=now,
+        cause=cause,
+        reason=reason or f"owner {state}",
+        state=state,
+    )
+
+
+def key_entry(kid: str, now: datetime, cause: str, reason: str) -> Revocation:
+    return Revocation(kind=RevocationKind.KEY, subject=kid, time=now, cause=cause, reason=reason)

@@ -10,7 +10,9 @@ anything, so a refused call leaves no trace. It is not shared between threads or
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
+from types import SimpleNamespace
 from typing import TypeVar
 
 from sqlalchemy import JSON, Table
@@ -24,6 +26,7 @@ from taskbound.core.model import (
     KeyPurpose,
     KeyState,
     Owner,
+    Revocation,
     SigningKey,
     Task,
     TaskFilter,
@@ -110,6 +113,9 @@ class MemoryStorage:
         # Keyed by str(seq), inserted in seq order; never updated or deleted.
         self._audit = _Table(schema.audit_events)
         self._audit_seq = 0
+        self._revocations: list[Revocation] = []  # in seq order
+        self._revocation_seq = 0
+        self._cursors: dict[str, int] = {}
 
     async def check(self) -> None:
         """Always healthy: there is no backend to lose."""
@@ -124,17 +130,28 @@ class MemoryStorage:
         _require_new(self._owners, owner.id)
         self._owners.insert(owner.id, row)
 
-    async def update_owner(self, owner: Owner) -> None:
+    async def update_owner(
+        self, owner: Owner, *, cause: str = "system", reason: str | None = None
+    ) -> None:
+        codec.check_text(cause=cause, reason=reason)
         row = self._owners.encode(codec.owner_row(owner))
         del row["created_at"]
         _require_existing(self._owners, owner.id)
+        was = self._owners.get(owner.id)
+        assert was is not None
+        now = codec.utc(owner.updated_at)
         self._owners.update(owner.id, row)
+        log: list[Revocation] = []
+        if bool(was["disabled"]) != owner.disabled:
+            log.append(codec.owner_entry(owner, now, cause, reason))
         if owner.disabled:
-            self._revoke_tasks(
+            log += self._revoke_tasks(
                 lambda r: r["owner_id"] == owner.id,
-                codec.OWNER_DISABLED_REASON,
-                codec.utc(owner.updated_at),
+                reason or codec.OWNER_DISABLED_REASON,
+                now,
+                cause,
             )
+        self._log(log)
 
     async def get_owner(self, owner_id: str) -> Owner | None:
         row = self._owners.get(owner_id)
@@ -150,18 +167,36 @@ class MemoryStorage:
         _require_reference(self._owners, agent.owner_id)
         self._agents.insert(agent.spiffe_id, row)
 
-    async def update_agent(self, agent: Agent) -> None:
+    async def update_agent(
+        self, agent: Agent, *, cause: str = "system", reason: str | None = None
+    ) -> None:
+        codec.check_text(cause=cause, reason=reason)
         row = self._agents.encode(codec.agent_row(agent))
         del row["created_at"]
         _require_existing(self._agents, agent.spiffe_id)
         _require_reference(self._owners, agent.owner_id)
-        self._agents.update(agent.spiffe_id, row)
-        if agent.state is not AgentState.ACTIVE:
-            self._revoke_tasks(
-                lambda r: r["agent_id"] == agent.spiffe_id,
-                codec.agent_state_reason(agent.state),
-                codec.utc(agent.updated_at),
+        self._change_agent(agent.spiffe_id, row, AgentState(agent.state), cause, reason)
+
+    def _change_agent(
+        self, spiffe_id: str, changes: Row, state: AgentState, cause: str, reason: str | None
+    ) -> None:
+        was = self._agents.get(spiffe_id)
+        assert was is not None
+        if was["state"] == AgentState.RETIRED.value and state is not AgentState.RETIRED:
+            raise Conflict(codec.RETIRED_IS_FINAL)
+        now = codec.utc(changes["updated_at"])
+        self._agents.update(spiffe_id, changes)
+        log: list[Revocation] = []
+        if was["state"] != state.value:
+            log.append(codec.agent_entry(spiffe_id, state, now, cause, reason))
+        if state is not AgentState.ACTIVE:
+            log += self._revoke_tasks(
+                lambda r: r["agent_id"] == spiffe_id,
+                reason or codec.agent_state_reason(state),
+                now,
+                cause,
             )
+        self._log(log)
 
     async def get_agent(self, spiffe_id: str) -> Agent | None:
         row = self._agents.get(spiffe_id)
@@ -175,19 +210,22 @@ class MemoryStorage:
         return _decoded(self._agents, rows, codec.agent_from)
 
     async def set_agent_state(
-        self, spiffe_id: str, state: AgentState, now: datetime
+        self,
+        spiffe_id: str,
+        state: AgentState,
+        now: datetime,
+        *,
+        cause: str = "system",
+        reason: str | None = None,
     ) -> Agent | None:
+        codec.check_text(cause=cause, reason=reason)
         now = codec.utc(now)
-        changes = {"state": AgentState(state).value, "updated_at": now}
+        state = AgentState(state)
         if spiffe_id not in self._agents:
             return None
-        self._agents.update(spiffe_id, changes)
-        if AgentState(state) is not AgentState.ACTIVE:
-            self._revoke_tasks(
-                lambda r: r["agent_id"] == spiffe_id,
-                codec.agent_state_reason(state),
-                now,
-            )
+        self._change_agent(
+            spiffe_id, {"state": state.value, "updated_at": now}, state, cause, reason
+        )
         return await self.get_agent(spiffe_id)
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
@@ -273,6 +311,41 @@ class MemoryStorage:
             self._keys.delete(kid)
         return len(doomed)
 
+    async def withdraw_key(
+        self,
+        kid: str,
+        now: datetime,
+        replacement: SigningKey | None,
+        *,
+        cause: str = "system",
+        reason: str = "signing key withdrawn",
+    ) -> int | None:
+        codec.check_text(kid=kid, cause=cause, reason=reason)
+        now = codec.utc(now)
+        found = self._keys.get(kid)
+        if found is None:
+            return None
+        active = found["active_slot"] == codec.ACTIVE_SLOT
+        new_row = None
+        if active:
+            if replacement is None:
+                raise ValueError("withdrawing the active key needs a replacement")
+            if replacement.purpose.value != found["purpose"]:
+                raise ValueError("the replacement key must have the withdrawn key's purpose")
+            new_row = self._keys.encode(codec.new_active_key_row(replacement))
+            _require_new(self._keys, replacement.kid)
+        self._keys.delete(kid)
+        if new_row is not None:
+            self._keys.insert(new_row["kid"], new_row)
+        roots = [
+            jti for jti, r in self._credentials.rows() if r["kid"] == kid and r["expires_at"] > now
+        ]
+        revoked = self._revoke_tree(roots, reason, now)
+        log = [codec.key_entry(kid, now, cause, reason)]
+        log += [codec.credential_entry(r, now, cause, reason) for r in revoked]
+        self._log(log)
+        return len(revoked)
+
     def _active_kid(self, purpose: KeyPurpose) -> str | None:
         for kid, r in self._keys.rows():
             if r["purpose"] == purpose.value and r["active_slot"] == codec.ACTIVE_SLOT:
@@ -347,30 +420,33 @@ class MemoryStorage:
         return _decoded(self._credentials, rows, codec.credential_from)
 
     async def end_task(
-        self, task_id: str, state: TaskState, reason: str, now: datetime
+        self, task_id: str, state: TaskState, reason: str, now: datetime, *, cause: str = "agent"
     ) -> tuple[Task, bool] | None:
         state = TaskState(state)
         if state is TaskState.ACTIVE:
             raise ValueError("end_task needs a final state, not ACTIVE")
-        codec.check_text(reason=reason)
+        codec.check_text(reason=reason, cause=cause)
         now = codec.utc(now)
         row = self._tasks.get(task_id)
         if row is None:
             return None
         if row["state"] != TaskState.ACTIVE.value:
             return codec.task_from(row), False
-        self._end(task_id, state, reason, now)
+        self._log(self._end([task_id], state, reason, now, cause))
         ended = self._tasks.get(task_id)
         assert ended is not None
         return codec.task_from(ended), True
 
-    async def revoke_credential(self, jti: str, reason: str, now: datetime) -> bool:
-        codec.check_text(reason=reason)
+    async def revoke_credential(
+        self, jti: str, reason: str, now: datetime, *, cause: str = "system"
+    ) -> bool:
+        codec.check_text(reason=reason, cause=cause)
         now = codec.utc(now)
         row = self._credentials.get(jti)
         if row is None or row["revoked_at"] is not None or now >= row["expires_at"]:
             return False
-        self._credentials.update(jti, {"revoked_at": now, "revoke_reason": reason})
+        revoked = self._revoke_tree([jti], reason, now)
+        self._log([codec.credential_entry(r, now, cause, reason) for r in revoked])
         return True
 
     async def expire_tasks(self, now: datetime) -> list[str]:
@@ -380,21 +456,117 @@ class MemoryStorage:
             for task_id, r in self._tasks.rows()
             if r["state"] == TaskState.ACTIVE.value and r["expires_at"] <= now
         )
-        for task_id in due:
-            self._end(task_id, TaskState.EXPIRED, codec.EXPIRED_REASON, now)
+        self._log(self._end(due, TaskState.EXPIRED, codec.EXPIRED_REASON, now, "expiry"))
         return due
 
-    def _revoke_tasks(self, which: Callable[[Row], bool], reason: str, now: datetime) -> None:
+    def _revoke_tasks(
+        self, which: Callable[[Row], bool], reason: str, now: datetime, cause: str
+    ) -> list[Revocation]:
         """End every ACTIVE task matching ``which`` as REVOKED, with its credentials."""
-        for task_id, r in list(self._tasks.rows()):
-            if r["state"] == TaskState.ACTIVE.value and which(r):
-                self._end(task_id, TaskState.REVOKED, reason, now)
+        due = [
+            task_id
+            for task_id, r in self._tasks.rows()
+            if r["state"] == TaskState.ACTIVE.value and which(r)
+        ]
+        return self._end(due, TaskState.REVOKED, reason, now, cause)
 
-    def _end(self, task_id: str, state: TaskState, reason: str, now: datetime) -> None:
-        self._tasks.update(task_id, {"state": state.value, "ended_at": now, "end_reason": reason})
+    def _end(
+        self, task_ids: Sequence[str], state: TaskState, reason: str, now: datetime, cause: str
+    ) -> list[Revocation]:
+        """End these tasks together, as the SQL store does: a TASK entry each, then their
+        credentials and descendants revoked, with a CREDENTIAL entry for each descendant
+        of a task not ended here."""
+        ended = set(task_ids)
+        log: list[Revocation] = []
+        for task_id in task_ids:
+            changes = {"state": state.value, "ended_at": now, "end_reason": reason}
+            self._tasks.update(task_id, changes)
+            task = self._tasks.get(task_id)
+            assert task is not None
+            log.append(
+                codec.task_entry(task_id, task["agent_id"], task["expires_at"], now, cause, reason)
+            )
+        roots = [jti for jti, r in self._credentials.rows() if r["task_id"] in ended]
+        log += [
+            codec.credential_entry(r, now, cause, reason)
+            for r in self._revoke_tree(roots, reason, now)
+            if r.task_id not in ended
+        ]
+        return log
+
+    def _revoke_tree(
+        self, roots: Sequence[str], reason: str, now: datetime
+    ) -> list[SimpleNamespace]:
+        """Revoke ``roots`` and all their descendants not revoked yet, as the SQL store does;
+        (jti, task_id, agent_id, expires_at) of those revoked now."""
+        children: dict[str, list[str]] = {}
         for jti, r in self._credentials.rows():
-            if r["task_id"] == task_id and r["revoked_at"] is None:
+            if r["parent_jti"] is not None:
+                children.setdefault(r["parent_jti"], []).append(jti)
+        seen: set[str] = set()
+        todo = list(roots)
+        while todo:
+            jti = todo.pop()
+            if jti not in seen:
+                seen.add(jti)
+                todo += children.get(jti, [])
+        revoked = []
+        for jti in sorted(seen):
+            cred = self._credentials.get(jti)
+            if cred is not None and cred["revoked_at"] is None:
                 self._credentials.update(jti, {"revoked_at": now, "revoke_reason": reason})
+                revoked.append(
+                    SimpleNamespace(
+                        jti=jti,
+                        task_id=cred["task_id"],
+                        agent_id=cred["agent_id"],
+                        expires_at=cred["expires_at"],
+                    )
+                )
+        return revoked
+
+    def _log(self, entries: Sequence[Revocation]) -> None:
+        for entry in entries:
+            codec.revocation_row(entry)  # the same checks as the SQL store
+            self._revocation_seq += 1
+            self._revocations.append(replace(entry, seq=self._revocation_seq))
+
+    # --- revocation log --------------------------------------------------------------------
+
+    async def list_revocations(
+        self, *, after: int = 0, limit: int = 1000, live_at: datetime | None = None
+    ) -> list[Revocation]:
+        codec.check_revocation_query(after, limit)
+        live = None if live_at is None else codec.utc(live_at)
+        found = [
+            e
+            for e in self._revocations
+            if e.seq > after and (live is None or e.expires_at is None or e.expires_at > live)
+        ]
+        return found[:limit]
+
+    async def last_revocation_seq(self) -> int:
+        return self._revocations[-1].seq if self._revocations else 0
+
+    async def prune_revocations(self, now: datetime) -> int:
+        now = codec.utc(now)
+        kept = [e for e in self._revocations if e.expires_at is None or e.expires_at > now]
+        pruned = len(self._revocations) - len(kept)
+        self._revocations = kept
+        return pruned
+
+    async def get_signal_cursor(self, receiver: str) -> int | None:
+        return self._cursors.get(receiver)
+
+    async def set_signal_cursor(
+        self, receiver: str, seq: int, now: datetime, *, expected: int | None
+    ) -> bool:
+        codec.check_text(receiver=receiver)
+        codec.utc(now)
+        if self._cursors.get(receiver) != expected:
+            return False
+        self._cursors[receiver] = seq
+        return True
 
     # --- admin tokens ----------------------------------------------------------------------
 

@@ -160,6 +160,9 @@ credentials = Table(
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("revoke_reason", Text, nullable=True),
     Column("parent_jti", String, nullable=True),
+    # The revocation cascade walks parent -> children; a key withdrawal finds what it signed.
+    Index(None, "parent_jti"),
+    Index(None, "kid"),
 )
 
 signing_keys = Table(
@@ -218,4 +221,33 @@ audit_events = Table(
     Index(None, "task", "seq"),
     Index(None, "agent", "seq"),
     sqlite_autoincrement=True,
+)
+
+revocations = Table(
+    "revocations",
+    metadata,
+    # Numbered like the audit log, and in commit order (writers are serialised), so a
+    # gateway catching up with ``seq > last`` never misses an entry that commits late.
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), Identity(), primary_key=True),
+    Column("kind", String, nullable=False),
+    Column("subject", String, nullable=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("cause", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("state", String, nullable=True),
+    Column("agent_id", String, nullable=True),
+    Column("task_id", String, nullable=True),
+    # Loading the live entries at start-up, and pruning the expired ones.
+    Index(None, "expires_at"),
+    sqlite_autoincrement=True,
+)
+
+signal_cursors = Table(
+    "signal_cursors",
+    metadata,
+    # How far each Shared Signals receiver has been sent the revocation log.
+    Column("receiver", String, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
 )

@@ -10,7 +10,10 @@ the busy timeout) instead of failing when a read turns into a write.
 
 Audit appends are serialised too (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on
 SQLite), so audit sequence numbers are handed out in commit order: a reader paging with
-``list_audit(after=n)`` never misses a record that commits late with a lower number.
+``list_audit(after=n)`` never misses a record that commits late with a lower number. The
+revocation log is numbered the same way under its own lock, and every transaction that
+writes to it sends ``NOTIFY taskbound_revocations`` on PostgreSQL (delivered at commit, and
+only if it commits).
 
 Errors: a unique violation is :class:`~taskbound.errors.Conflict`, a foreign-key violation
 :class:`~taskbound.errors.ReferenceError_`, and a lost or failing database
@@ -48,6 +51,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql import Select
 
 from taskbound.core.model import (
     AdminToken,
@@ -58,6 +62,7 @@ from taskbound.core.model import (
     KeyPurpose,
     KeyState,
     Owner,
+    Revocation,
     SigningKey,
     Task,
     TaskFilter,
@@ -85,6 +90,13 @@ _AUDIT_INSERT = t.audit_events.insert().returning(
 
 # pg_advisory_xact_lock key held by append_audit: the bytes of "tb:audit" as a bigint.
 _POSTGRES_AUDIT_LOCK = 0x74623A6175646974
+# ... and by every writer of the revocation log: the bytes of "tb:revok".
+_POSTGRES_REVOCATION_LOCK = 0x74623A7265766F6B
+# The channel gateways LISTEN on; the payload is the highest new sequence number.
+REVOCATION_CHANNEL = "taskbound_revocations"
+_REVOCATION_INSERT = t.revocations.insert().returning(
+    t.revocations.c.seq, sort_by_parameter_order=True
+)
 
 
 def configure_sqlite(engine: Engine, *, foreign_keys: bool = True) -> None:
@@ -119,9 +131,11 @@ def immediate_begin_option() -> dict[str, str]:
     return {_BEGIN_OPTION: "BEGIN IMMEDIATE"}
 
 
-def create_engine_for(target: DatabaseURL) -> AsyncEngine:
-    """An async engine for ``target`` with taskbound's connection settings."""
+def create_engine_for(target: DatabaseURL, **extra: Any) -> AsyncEngine:
+    """An async engine for ``target`` with taskbound's connection settings (``extra``:
+    more engine options, e.g. a ``poolclass``)."""
     options: dict[str, Any] = {
+        **extra,
         "hide_parameters": True,
         "json_serializer": codec.dump_json,
         "json_deserializer": codec.load_json,
@@ -218,23 +232,32 @@ class SqlStorage:
     async def create_owner(self, owner: Owner) -> None:
         await self._execute_one(t.owners.insert(), codec.owner_row(owner))
 
-    async def update_owner(self, owner: Owner) -> None:
+    async def update_owner(
+        self, owner: Owner, *, cause: str = "system", reason: str | None = None
+    ) -> None:
+        codec.check_text(cause=cause, reason=reason)
         row = codec.owner_row(owner)
         del row["id"], row["created_at"]
+        now = codec.utc(owner.updated_at)
         async with self._transaction(write=True) as conn:
-            result = await conn.execute(
-                update(t.owners).where(t.owners.c.id == owner.id).values(row)
+            was = await conn.scalar(
+                select(t.owners.c.disabled).where(t.owners.c.id == owner.id).with_for_update()
             )
-            changed = result.rowcount
-            if changed == 1 and owner.disabled:
-                await self._revoke_tasks(
+            if was is None:
+                raise NotFound(internal=f"owners: no row {owner.id!r}")
+            await conn.execute(update(t.owners).where(t.owners.c.id == owner.id).values(row))
+            log: list[Revocation] = []
+            if bool(was) != owner.disabled:
+                log.append(codec.owner_entry(owner, now, cause, reason))
+            if owner.disabled:
+                log += await self._revoke_tasks(
                     conn,
                     t.tasks.c.owner_id == owner.id,
-                    codec.OWNER_DISABLED_REASON,
-                    codec.utc(owner.updated_at),
+                    reason or codec.OWNER_DISABLED_REASON,
+                    now,
+                    cause,
                 )
-        if changed != 1:
-            raise NotFound(internal=f"owners: no row {owner.id!r}")
+            await self._log(conn, log)
 
     async def get_owner(self, owner_id: str) -> Owner | None:
         if codec.has_nul(owner_id):
@@ -259,23 +282,63 @@ class SqlStorage:
     async def create_agent(self, agent: Agent) -> None:
         await self._execute_one(t.agents.insert(), codec.agent_row(agent))
 
-    async def update_agent(self, agent: Agent) -> None:
+    async def update_agent(
+        self, agent: Agent, *, cause: str = "system", reason: str | None = None
+    ) -> None:
+        codec.check_text(cause=cause, reason=reason)
         row = codec.agent_row(agent)
         del row["spiffe_id"], row["created_at"]
         async with self._transaction(write=True) as conn:
-            result = await conn.execute(
-                update(t.agents).where(t.agents.c.spiffe_id == agent.spiffe_id).values(row)
+            changed = await self._change_agent(
+                conn, agent.spiffe_id, row, AgentState(agent.state), cause, reason
             )
-            changed = result.rowcount
-            if changed == 1 and agent.state is not AgentState.ACTIVE:
-                await self._revoke_tasks(
-                    conn,
-                    t.tasks.c.agent_id == agent.spiffe_id,
-                    codec.agent_state_reason(agent.state),
-                    codec.utc(agent.updated_at),
-                )
-        if changed != 1:
+        if changed is None:
             raise NotFound(internal=f"agents: no row {agent.spiffe_id!r}")
+
+    async def _change_agent(
+        self,
+        conn: AsyncConnection,
+        spiffe_id: str,
+        changes: dict[str, Any],
+        state: AgentState,
+        cause: str,
+        reason: str | None,
+    ) -> Any:
+        """Update an agent's row; log and apply a change of state. Returns the new row, or
+        None when there is no such agent. Retired is final (Conflict)."""
+        was = await conn.scalar(
+            select(t.agents.c.state).where(t.agents.c.spiffe_id == spiffe_id).with_for_update()
+        )
+        if was is None:
+            return None
+        if was == AgentState.RETIRED.value and state is not AgentState.RETIRED:
+            raise Conflict(codec.RETIRED_IS_FINAL)
+        row = (
+            (
+                await conn.execute(
+                    update(t.agents)
+                    .where(t.agents.c.spiffe_id == spiffe_id)
+                    .values(changes)
+                    .returning(*t.agents.c)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        now = codec.utc(changes["updated_at"])
+        log: list[Revocation] = []
+        if was != state.value:
+            log.append(codec.agent_entry(spiffe_id, state, now, cause, reason))
+        if state is not AgentState.ACTIVE:
+            log += await self._revoke_tasks(
+                conn,
+                t.tasks.c.agent_id == spiffe_id,
+                reason or codec.agent_state_reason(state),
+                now,
+                cause,
+            )
+        await self._log(conn, log)
+        return row
 
     async def get_agent(self, spiffe_id: str) -> Agent | None:
         if codec.has_nul(spiffe_id):
@@ -299,32 +362,22 @@ class SqlStorage:
         return [codec.agent_from(r) for r in rows]
 
     async def set_agent_state(
-        self, spiffe_id: str, state: AgentState, now: datetime
+        self,
+        spiffe_id: str,
+        state: AgentState,
+        now: datetime,
+        *,
+        cause: str = "system",
+        reason: str | None = None,
     ) -> Agent | None:
+        codec.check_text(cause=cause, reason=reason)
         now = codec.utc(now)
-        changes = {"state": AgentState(state).value, "updated_at": now}
+        state = AgentState(state)
+        changes = {"state": state.value, "updated_at": now}
         if codec.has_nul(spiffe_id):
             return None
         async with self._transaction(write=True) as conn:
-            row = (
-                (
-                    await conn.execute(
-                        update(t.agents)
-                        .where(t.agents.c.spiffe_id == spiffe_id)
-                        .values(changes)
-                        .returning(*t.agents.c)
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            if row is not None and AgentState(state) is not AgentState.ACTIVE:
-                await self._revoke_tasks(
-                    conn,
-                    t.tasks.c.agent_id == spiffe_id,
-                    codec.agent_state_reason(state),
-                    now,
-                )
+            row = await self._change_agent(conn, spiffe_id, changes, state, cause, reason)
         return None if row is None else codec.agent_from(row)
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
@@ -470,6 +523,49 @@ class SqlStorage:
             changed = result.rowcount
         return changed
 
+    async def withdraw_key(
+        self,
+        kid: str,
+        now: datetime,
+        replacement: SigningKey | None,
+        *,
+        cause: str = "system",
+        reason: str = "signing key withdrawn",
+    ) -> int | None:
+        codec.check_text(kid=kid, cause=cause, reason=reason)
+        now = codec.utc(now)
+        keys = t.signing_keys.c
+        async with self._transaction(write=True) as conn:
+            found = (
+                await conn.execute(
+                    select(keys.purpose, keys.active_slot).where(keys.kid == kid).with_for_update()
+                )
+            ).first()
+            if found is None:
+                return None
+            active = found.active_slot == codec.ACTIVE_SLOT
+            if active and replacement is None:
+                raise ValueError("withdrawing the active key needs a replacement")
+            if replacement is not None and replacement.kid == kid:
+                raise Conflict(internal="signing_keys: a withdrawn key cannot replace itself")
+            await conn.execute(t.signing_keys.delete().where(keys.kid == kid))
+            if active and replacement is not None:
+                if replacement.purpose.value != found.purpose:
+                    raise ValueError("the replacement key must have the withdrawn key's purpose")
+                await conn.execute(
+                    t.signing_keys.insert().values(codec.new_active_key_row(replacement))
+                )
+            revoked = await self._revoke_tree(
+                conn,
+                (t.credentials.c.kid == kid) & (t.credentials.c.expires_at > now),
+                reason,
+                now,
+            )
+            log = [codec.key_entry(kid, now, cause, reason)]
+            log += [codec.credential_entry(r, now, cause, reason) for r in revoked]
+            await self._log(conn, log)
+        return len(revoked)
+
     # --- tasks -----------------------------------------------------------------------------
 
     async def create_task(self, task: Task, credentials: Sequence[CredentialRecord]) -> bool:
@@ -574,12 +670,12 @@ class SqlStorage:
         return [codec.credential_from(r) for r in rows]
 
     async def end_task(
-        self, task_id: str, state: TaskState, reason: str, now: datetime
+        self, task_id: str, state: TaskState, reason: str, now: datetime, *, cause: str = "agent"
     ) -> tuple[Task, bool] | None:
         state = TaskState(state)
         if state is TaskState.ACTIVE:
             raise ValueError("end_task needs a final state, not ACTIVE")
-        codec.check_text(reason=reason)
+        codec.check_text(reason=reason, cause=cause)
         now = codec.utc(now)
         if codec.has_nul(task_id):
             return None
@@ -594,28 +690,35 @@ class SqlStorage:
         async with self._transaction(write=True) as conn:
             ended = (await conn.execute(end)).mappings().first()
             if ended is not None:
-                await self._revoke_credentials_of(conn, [task_id], reason, now)
-                return codec.task_from(ended), True
+                task = codec.task_from(ended)
+                log = [
+                    codec.task_entry(task.id, task.agent_id, task.expires_at, now, cause, reason)
+                ]
+                log += await self._revoke_credentials_of(conn, [task_id], reason, now, cause)
+                await self._log(conn, log)
+                return task, True
             row = await self._task_row(conn, task_id)
         return None if row is None else (codec.task_from(row), False)
 
-    async def revoke_credential(self, jti: str, reason: str, now: datetime) -> bool:
-        codec.check_text(reason=reason)
+    async def revoke_credential(
+        self, jti: str, reason: str, now: datetime, *, cause: str = "system"
+    ) -> bool:
+        codec.check_text(reason=reason, cause=cause)
         now = codec.utc(now)
         if codec.has_nul(jti):
             return False
+        c = t.credentials.c
         async with self._transaction(write=True) as conn:
-            result = await conn.execute(
-                update(t.credentials)
-                .where(
-                    t.credentials.c.jti == jti,
-                    t.credentials.c.revoked_at.is_(None),
-                    t.credentials.c.expires_at > now,
-                )
-                .values(revoked_at=now, revoke_reason=reason)
+            found = await conn.scalar(
+                select(c.jti)
+                .where(c.jti == jti, c.revoked_at.is_(None), c.expires_at > now)
+                .with_for_update()
             )
-            changed = result.rowcount
-        return changed == 1
+            if found is None:
+                return False
+            revoked = await self._revoke_tree(conn, c.jti == jti, reason, now)
+            await self._log(conn, [codec.credential_entry(r, now, cause, reason) for r in revoked])
+        return True
 
     async def expire_tasks(self, now: datetime) -> list[str]:
         now = codec.utc(now)
@@ -623,36 +726,162 @@ class SqlStorage:
             update(t.tasks)
             .where(t.tasks.c.state == _ACTIVE, t.tasks.c.expires_at <= now)
             .values(state=TaskState.EXPIRED.value, ended_at=now, end_reason=codec.EXPIRED_REASON)
-            .returning(t.tasks.c.id)
+            .returning(t.tasks.c.id, t.tasks.c.agent_id, t.tasks.c.expires_at)
         )
         async with self._transaction(write=True) as conn:
-            expired = list((await conn.execute(expire)).scalars().all())
-            await self._revoke_credentials_of(conn, expired, codec.EXPIRED_REASON, now)
+            rows = (await conn.execute(expire)).all()
+            expired = [r.id for r in rows]
+            log = [
+                codec.task_entry(
+                    r.id, r.agent_id, r.expires_at, now, "expiry", codec.EXPIRED_REASON
+                )
+                for r in rows
+            ]
+            log += await self._revoke_credentials_of(
+                conn, expired, codec.EXPIRED_REASON, now, "expiry"
+            )
+            await self._log(conn, log)
         return sorted(expired)
 
     async def _revoke_tasks(
-        self, conn: AsyncConnection, which: ColumnElement[bool], reason: str, now: datetime
-    ) -> None:
-        """End every ACTIVE task matching ``which`` as REVOKED, with its credentials."""
+        self,
+        conn: AsyncConnection,
+        which: ColumnElement[bool],
+        reason: str,
+        now: datetime,
+        cause: str,
+    ) -> list[Revocation]:
+        """End every ACTIVE task matching ``which`` as REVOKED, with its credentials; the
+        log entries that say so."""
         ended = (
             update(t.tasks)
             .where(t.tasks.c.state == _ACTIVE, which)
             .values(state=TaskState.REVOKED.value, ended_at=now, end_reason=reason)
-            .returning(t.tasks.c.id)
+            .returning(t.tasks.c.id, t.tasks.c.agent_id, t.tasks.c.expires_at)
         )
-        ids = list((await conn.execute(ended)).scalars().all())
-        await self._revoke_credentials_of(conn, ids, reason, now)
+        rows = (await conn.execute(ended)).all()
+        log = [codec.task_entry(r.id, r.agent_id, r.expires_at, now, cause, reason) for r in rows]
+        log += await self._revoke_credentials_of(conn, [r.id for r in rows], reason, now, cause)
+        return log
 
     async def _revoke_credentials_of(
-        self, conn: AsyncConnection, task_ids: Sequence[str], reason: str, now: datetime
-    ) -> None:
+        self,
+        conn: AsyncConnection,
+        task_ids: Sequence[str],
+        reason: str,
+        now: datetime,
+        cause: str,
+    ) -> list[Revocation]:
+        """Revoke the credentials of these (ended) tasks and everything derived from them.
+        Their own task's entry covers the first; derived credentials of other tasks get an
+        entry each."""
+        ended = set(task_ids)
+        log: list[Revocation] = []
         for start in range(0, len(task_ids), _ID_CHUNK):
             chunk = task_ids[start : start + _ID_CHUNK]
+            revoked = await self._revoke_tree(conn, t.credentials.c.task_id.in_(chunk), reason, now)
+            log += [
+                codec.credential_entry(r, now, cause, reason)
+                for r in revoked
+                if r.task_id not in ended
+            ]
+        return log
+
+    async def _revoke_tree(
+        self, conn: AsyncConnection, roots: ColumnElement[bool], reason: str, now: datetime
+    ) -> list[Any]:
+        """Revoke the credentials matching ``roots`` and all their descendants (parent_jti,
+        to any depth) that are not revoked yet. Returns (jti, task_id, agent_id, expires_at)
+        rows of those revoked now."""
+        c = t.credentials.c
+        start: Select[Any] = select(c.jti).where(roots)
+        tree = start.cte("revocation_tree", recursive=True)
+        child = t.credentials.alias("child")
+        tree = tree.union(
+            select(child.c.jti).select_from(child.join(tree, child.c.parent_jti == tree.c.jti))
+        )
+        statement = (
+            update(t.credentials)
+            .where(c.jti.in_(select(tree.c.jti)), c.revoked_at.is_(None))
+            .values(revoked_at=now, revoke_reason=reason)
+            .returning(c.jti, c.task_id, c.agent_id, c.expires_at)
+        )
+        return list((await conn.execute(statement)).all())
+
+    async def _log(self, conn: AsyncConnection, entries: Sequence[Revocation]) -> None:
+        """Append ``entries`` to the revocation log inside the caller's transaction, in
+        commit order, and tell the listening gateways (PostgreSQL) when it commits."""
+        if not entries:
+            return
+        if self._postgres:
             await conn.execute(
-                update(t.credentials)
-                .where(t.credentials.c.task_id.in_(chunk), t.credentials.c.revoked_at.is_(None))
-                .values(revoked_at=now, revoke_reason=reason)
+                select(func.pg_advisory_xact_lock(literal(_POSTGRES_REVOCATION_LOCK, BigInteger)))
             )
+        result = await conn.execute(_REVOCATION_INSERT, [codec.revocation_row(e) for e in entries])
+        last = max(int(seq) for seq in result.scalars().all())
+        if self._postgres:
+            await conn.execute(select(func.pg_notify(REVOCATION_CHANNEL, str(last))))
+
+    # --- revocation log --------------------------------------------------------------------
+
+    async def list_revocations(
+        self, *, after: int = 0, limit: int = 1000, live_at: datetime | None = None
+    ) -> list[Revocation]:
+        codec.check_revocation_query(after, limit)
+        c = t.revocations.c
+        query = select(t.revocations).where(c.seq > after).order_by(c.seq).limit(limit)
+        if live_at is not None:
+            query = query.where((c.expires_at.is_(None)) | (c.expires_at > codec.utc(live_at)))
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [codec.revocation_from(r) for r in rows]
+
+    async def last_revocation_seq(self) -> int:
+        async with self._transaction() as conn:
+            last = await conn.scalar(select(func.max(t.revocations.c.seq)))
+        return int(last or 0)
+
+    async def prune_revocations(self, now: datetime) -> int:
+        now = codec.utc(now)
+        async with self._transaction(write=True) as conn:
+            result = await conn.execute(
+                t.revocations.delete().where(t.revocations.c.expires_at <= now)
+            )
+            changed = result.rowcount
+        return int(changed)
+
+    async def get_signal_cursor(self, receiver: str) -> int | None:
+        if codec.has_nul(receiver):
+            return None
+        async with self._transaction() as conn:
+            seq = await conn.scalar(
+                select(t.signal_cursors.c.seq).where(t.signal_cursors.c.receiver == receiver)
+            )
+        return None if seq is None else int(seq)
+
+    async def set_signal_cursor(
+        self, receiver: str, seq: int, now: datetime, *, expected: int | None
+    ) -> bool:
+        codec.check_text(receiver=receiver)
+        now = codec.utc(now)
+        c = t.signal_cursors.c
+        async with self._transaction(write=True) as conn:
+            statement: Any
+            if expected is None:
+                statement = (
+                    self._insert(t.signal_cursors)
+                    .values(receiver=receiver, seq=seq, updated_at=now)
+                    .on_conflict_do_nothing(index_elements=[c.receiver])
+                )
+            else:
+                statement = (
+                    update(t.signal_cursors)
+                    .where(c.receiver == receiver, c.seq == expected)
+                    .values(seq=seq, updated_at=now)
+                )
+            result = await conn.execute(statement.execution_options(preserve_rowcount=True))
+            changed = result.rowcount
+        return changed == 1
 
     @staticmethod
     async def _task_row(conn: AsyncConnection, task_id: str) -> Any:
