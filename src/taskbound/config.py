@@ -8,6 +8,7 @@ value that fails validation. Secrets are :class:`pydantic.SecretStr` and never p
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -18,6 +19,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from taskbound.core.signals import (
+    CAEP_CREDENTIAL_CHANGE,
+    CAEP_SESSION_REVOKED,
+    RISC_ACCOUNT_DISABLED,
+    RISC_ACCOUNT_PURGED,
+    RISC_CREDENTIAL_COMPROMISE,
+)
 from taskbound.errors import ConfigError
 
 ENV_PREFIX = "TASKBOUND_"
@@ -171,6 +179,157 @@ class GatewayConfig(_Section):
     mcp_pass_methods: tuple[str, ...] = ("initialize", "ping", "notifications/*")
 
 
+class RevocationConfig(_Section):
+    """How every gateway follows the revocation log (DESIGN.md §3 flow 7)."""
+
+    # A gateway that has not confirmed its feed for this long refuses calls with 503
+    # `revocation_feed_stale` until it has caught up.
+    staleness_bound_seconds: float = Field(5.0, ge=0.5, le=300)
+    # How often the feed is confirmed (one catch-up query) when no notification came; on
+    # SQLite, how often it polls. Must be well under the staleness bound.
+    heartbeat_seconds: float = Field(1.0, ge=0.05, le=60)
+    # PostgreSQL: the connection to LISTEN on, when storage.url goes through a pooler that
+    # cannot LISTEN (transaction pooling). Defaults to storage.url.
+    listen_url: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _heartbeat_within_bound(self) -> RevocationConfig:
+        if self.heartbeat_seconds * 2 > self.staleness_bound_seconds:
+            raise ValueError(
+                "revocation.heartbeat_seconds must be at most half of staleness_bound_seconds"
+            )
+        return self
+
+
+# --- Shared Signals (OpenID SSF, CAEP, RISC; docs/signals.md) ----------------------------
+
+# A receiver's or transmitter's name: it appears in URLs (/v1/signals/{name}), in the
+# cause of the changes it makes ("signal:<name>") and as the key of the delivery cursor.
+_SIGNAL_NAME = r"^[a-z0-9_-]{1,64}$"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_signal_url(url: str, what: str) -> str:
+    """An absolute http(s) URL without credentials or fragment; plain http only to a
+    loopback host (a SET or a key set in clear text is readable and forgeable on the way)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an absolute http(s) URL, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{what} must not carry credentials (use authorization)")
+    if parts.fragment:
+        raise ValueError(f"{what} must not have a fragment")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(f"{what} must use https (plain http only to a loopback host)")
+    return url
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} name {name!r} is used twice")
+        seen.add(name)
+
+
+class SignalReceiverConfig(_Section):
+    """A Shared Signals receiver this server pushes SETs to (RFC 8935)."""
+
+    name: str = Field(pattern=_SIGNAL_NAME)
+    endpoint: str = Field(min_length=1, max_length=2048)
+    # The `aud` of the SETs it is sent (as the receiver expects it; often its endpoint).
+    audience: str = Field(min_length=1, max_length=2048)
+    # The whole Authorization header value sent with each push, e.g. "Bearer …".
+    authorization: SecretStr | None = None
+    # On the very first start, deliver the whole revocation log instead of only what
+    # happens from now on.
+    from_start: bool = False
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> SignalReceiverConfig:
+        check_signal_url(self.endpoint, f"signals.receivers[{self.name}].endpoint")
+        return self
+
+
+class SignalTransmitterConfig(_Section):
+    """A Shared Signals transmitter whose SETs are accepted at /v1/signals/{name}."""
+
+    name: str = Field(pattern=_SIGNAL_NAME)
+    # The exact `iss` of its SETs.
+    issuer: str = Field(min_length=1, max_length=2048)
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    # Pinned per transmitter (RFC 8725 §3.1): a SET signed with anything else is refused.
+    algorithms: tuple[str, ...] = Field(("ES256", "EdDSA"), min_length=1)
+    # The `aud` its SETs must name; defaults to this server's issuer (its public URL).
+    audience: str | None = Field(None, min_length=1, max_length=2048)
+    accepted_events: tuple[str, ...] = Field(
+        (
+            RISC_ACCOUNT_DISABLED,
+            RISC_ACCOUNT_PURGED,
+            RISC_CREDENTIAL_COMPROMISE,
+            CAEP_CREDENTIAL_CHANGE,
+            CAEP_SESSION_REVOKED,
+        ),
+        min_length=1,
+    )
+    # What an accepted event does to the agent it names...
+    action: Literal["suspend", "quarantine"] = "suspend"
+    # ...except RISC credential-compromise: a leaked credential means the agent must not
+    # simply be resumed, so by default it is quarantined.
+    compromise_action: Literal["suspend", "quarantine"] = "quarantine"
+    # When set, a push must carry exactly this Authorization header value (RFC 8935 §2.4
+    # `authentication_failed` otherwise); the SET signature is checked either way.
+    authorization: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SignalTransmitterConfig:
+        where = f"signals.transmitters[{self.name}]"
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError(f"{where} needs exactly one of jwks_file or jwks_url")
+        if self.jwks_url is not None:
+            check_signal_url(self.jwks_url, f"{where}.jwks_url")
+        for alg in self.algorithms:
+            if alg.lower() == "none" or alg.upper().startswith("HS"):
+                raise ValueError(f"{where}: algorithm {alg!r} is not asymmetric")
+        if any(not event for event in self.accepted_events):
+            raise ValueError(f"{where}: accepted_events has an empty event type")
+        return self
+
+
+class SignalsConfig(_Section):
+    """Shared Signals out (SETs pushed to receivers) and in (SETs from transmitters)."""
+
+    receivers: tuple[SignalReceiverConfig, ...] = ()
+    transmitters: tuple[SignalTransmitterConfig, ...] = ()
+    # The oldest `iat` an incoming SET may have; its jti is remembered this long.
+    max_age_seconds: int = Field(3600, ge=10, le=7 * 24 * 3600)
+    # Outgoing: the longest wait between two attempts at a receiver that fails.
+    retry_max_seconds: float = Field(300.0, gt=0, le=24 * 3600)
+    # Outgoing: how often the log is checked when no revocation woke the sender.
+    poll_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    # Outgoing: the limit on one push, connection to response.
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # Incoming: how often a transmitter's key set is re-read, and at most how often an
+    # unknown `kid` makes it re-read sooner.
+    jwks_refresh_seconds: int = Field(300, ge=1)
+    jwks_min_refresh_seconds: int = Field(30, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SignalsConfig:
+        _unique([r.name for r in self.receivers], "signals receiver")
+        _unique([t.name for t in self.transmitters], "signals transmitter")
+        return self
+
+
 class PolicyConfig(_Section):
     # A directory of *.cedar files; the default pack shipped with taskbound when absent.
     dir: Path | None = None
@@ -195,6 +354,8 @@ class Settings(_Section):
     identity: IdentityConfig = IdentityConfig()
     policy: PolicyConfig = PolicyConfig()
     gateway: GatewayConfig = GatewayConfig()
+    revocation: RevocationConfig = RevocationConfig()
+    signals: SignalsConfig = SignalsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -242,6 +403,12 @@ class Settings(_Section):
             data["keys"]["kek"] = "**********"
         if self.dpop.redis_url is not None:
             data["dpop"]["redis_url"] = "**********"
+        if self.revocation.listen_url is not None:
+            data["revocation"]["listen_url"] = "**********"
+        for kind in ("receivers", "transmitters"):
+            for entry in data["signals"][kind]:
+                if entry.get("authorization") is not None:
+                    entry["authorization"] = "**********"
         return data
 
 

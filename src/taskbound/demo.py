@@ -17,6 +17,7 @@ import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import uvicorn
@@ -344,6 +345,38 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
             "POST", f"/v1/tasks/{task['id']}/credentials", json={"tool": issues, "tier": "read"}
         )
         _expect(con, r, 409, "a new credential for the ended task")
+
+        say("An admin suspends the agent: its live tasks die at once, at every gateway")
+        r = await agent.call("POST", "/v1/tasks", json=body)
+        if r.status_code != 201:
+            bad(f"second task refused: {r.text}")
+            return False
+        second = r.json()
+        read2 = next(c["access_token"] for c in second["credentials"] if c["tier"] == "read")
+        r = await agent.tool("GET", f"/{issues}/repos/acme/web/issues", read2)
+        if r.status_code != 200:
+            bad(f"allowed call refused: {r.text}")
+            return False
+        ok(f"a second task {second['id']} works: GET issues -> 200")
+        agent_path = f"/v1/admin/agents/{quote(AGENT, safe='')}"
+        r = await http.get("/v1/admin/revocations", params={"limit": 1}, headers=admin)
+        before = r.json()["feed"]["seq"]
+        r = await http.post(
+            f"{agent_path}/suspend", json={"reason": "demo: unusual activity"}, headers=admin
+        )
+        if r.status_code != 200 or r.json()["state"] != "suspended":
+            bad(f"suspend failed: {r.text}")
+            return False
+        ok(f"agent {AGENT} suspended")
+        r = await agent.tool("GET", f"/{issues}/repos/acme/web/issues", read2)
+        _expect(con, r, 401, "a call of the suspended agent's live task")
+        r = await agent.call("POST", "/v1/tasks", json=body)
+        _expect(con, r, 403, "a new task for the suspended agent")
+        r = await http.get("/v1/admin/revocations", params={"after": before}, headers=admin)
+        for e in r.json()["revocations"]:
+            ok(f"revocation log #{e['seq']}: {e['kind']} {e['subject']} by {e['cause']}")
+        r = await http.post(f"{agent_path}/resume", headers=admin)
+        ok(f"agent resumed ({r.json()['state']}); the revoked task stays revoked")
 
     con.print(
         Panel.fit(

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -18,6 +18,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -40,7 +42,17 @@ from taskbound.config import Settings
 from taskbound.core.clock import to_epoch
 from taskbound.core.grant import ScopeRequest
 from taskbound.core.identity import mint_jwt_svid, parse_spiffe_id
-from taskbound.core.model import CredentialRecord, KeyPurpose, Task, TaskFilter, TaskState, Tier
+from taskbound.core.model import (
+    AgentState,
+    CredentialRecord,
+    KeyPurpose,
+    Revocation,
+    Task,
+    TaskFilter,
+    TaskState,
+    Tier,
+)
+from taskbound.core.signals import MAX_SET_LENGTH, SignalRejected
 from taskbound.errors import (
     Forbidden,
     InvalidRequest,
@@ -62,6 +74,7 @@ from taskbound.service.registry import (
     tool_view,
 )
 from taskbound.service.runtime import Services, open_services
+from taskbound.service.signals import PUSH_DELIVERY_METHOD, rejection_body
 
 log = logging.getLogger("taskbound.api")
 
@@ -107,8 +120,13 @@ class EndTaskBody(_Body):
     reason: str = Field("", max_length=500)
 
 
-class AgentStateBody(_Body):
-    state: str
+# The agent operations of `POST /v1/admin/agents/{spiffe_id}/{verb}`.
+AGENT_VERBS = {
+    "suspend": AgentState.SUSPENDED,
+    "quarantine": AgentState.QUARANTINED,
+    "resume": AgentState.ACTIVE,
+    "retire": AgentState.RETIRED,
+}
 
 
 class MintIdentityBody(_Body):
@@ -168,6 +186,21 @@ def credential_record_view(c: CredentialRecord) -> dict[str, Any]:
     }
 
 
+def revocation_view(r: Revocation) -> dict[str, Any]:
+    return {
+        "seq": r.seq,
+        "kind": r.kind.value,
+        "subject": r.subject,
+        "time": r.time.isoformat(),
+        "cause": r.cause,
+        "reason": r.reason,
+        "expires_at": r.expires_at.isoformat() if r.expires_at else None,
+        "state": r.state,
+        "agent": r.agent_id,
+        "task": r.task_id,
+    }
+
+
 # --- metrics -----------------------------------------------------------------------------
 
 
@@ -212,6 +245,69 @@ class Metrics:
         )
 
 
+class FeedCollector(Collector):
+    """The revocation feed's health, read at scrape time (DESIGN.md §3 flow 7)."""
+
+    def __init__(self, services: Callable[[], Services | None]) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[Metric]:
+        services = self._services()
+        if services is None:
+            return
+        feed = services.revocations
+        age = feed.age()
+        yield GaugeMetricFamily(
+            "taskbound_revocation_feed_age_seconds",
+            "Seconds since this process last confirmed its revocation feed",
+            value=float("inf") if age is None else age,
+        )
+        yield GaugeMetricFamily(
+            "taskbound_revocation_feed_stale",
+            "1 while gateway calls are refused because the revocation feed is stale",
+            value=0.0 if feed.stale() is None else 1.0,
+        )
+        yield GaugeMetricFamily(
+            "taskbound_revocation_seq", "Last revocation log entry applied", value=feed.state.seq
+        )
+        yield GaugeMetricFamily(
+            "taskbound_revocation_entries",
+            "Revocations held in memory (credentials, tasks, agents, owners, keys)",
+            value=len(feed.state),
+        )
+        yield CounterMetricFamily(
+            "taskbound_revocations_applied",
+            "Revocation log entries applied since start",
+            value=feed.applied,
+        )
+        yield CounterMetricFamily(
+            "taskbound_revocation_feed_failures",
+            "Failed connections or catch-ups of the revocation feed (retried with backoff)",
+            value=feed.failures,
+        )
+        sender = services.signal_sender
+        if sender is not None:
+            pushed = CounterMetricFamily(
+                "taskbound_signals_pushed",
+                "Security Event Tokens pushed to receivers, by result",
+                labels=["result"],
+            )
+            pushed.add_metric(["delivered"], sender.delivered)
+            pushed.add_metric(["rejected"], sender.rejected)
+            pushed.add_metric(["failed"], sender.failures)
+            yield pushed
+        receiver = services.signal_receiver
+        if receiver is not None:
+            received = CounterMetricFamily(
+                "taskbound_signals_received",
+                "Security Event Tokens received from transmitters, by result",
+                labels=["result"],
+            )
+            received.add_metric(["accepted"], receiver.accepted)
+            received.add_metric(["refused"], receiver.refused)
+            yield received
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -225,6 +321,7 @@ def create_app(
     """The ASGI app. Services are opened in the lifespan unless given (tests)."""
     metrics = Metrics()
     state: dict[str, Services] = {} if services is None else {"services": services}
+    metrics.registry.register(FeedCollector(lambda: state.get("services")))
     gateways: list[Gateway] = []
 
     def svc() -> Services:
@@ -260,8 +357,10 @@ def create_app(
 
         return wrap
 
-    async def admin(request: Request) -> None:
-        await authenticate_admin(svc().storage, bearer(request))
+    async def admin(request: Request) -> str:
+        """Authenticate an admin; the cause recorded with what the admin changes."""
+        token = await authenticate_admin(svc().storage, bearer(request))
+        return f"admin:{token.id}"
 
     async def agent_caller(request: Request) -> AgentCaller:
         return await svc().broker.authenticate_agent(
@@ -300,6 +399,54 @@ def create_app(
             headers={"Cache-Control": "public, max-age=60"},
         )
 
+    # --- Shared Signals (docs/signals.md) ----------------------------------------------
+
+    @route("/.well-known/ssf-configuration", methods=["GET"])
+    async def ssf_configuration(request: Request) -> Response:
+        """SSF 1.0 §7.1 transmitter metadata; only when there are receivers to push to."""
+        if not settings.signals.receivers:
+            raise NotFound("this server transmits no Shared Signals")
+        return json_response(
+            {
+                "spec_version": "1_0",
+                "issuer": settings.issuer,
+                "jwks_uri": f"{settings.public_url}/.well-known/ssf-jwks.json",
+                "delivery_methods_supported": [PUSH_DELIVERY_METHOD],
+            }
+        )
+
+    @route("/.well-known/ssf-jwks.json", methods=["GET"])
+    async def ssf_jwks(request: Request) -> Response:
+        """The keys the SETs this server sends are signed with (active and retiring)."""
+        return JSONResponse(
+            svc().keys.jwks(KeyPurpose.SIGNALS),
+            headers={"Cache-Control": "public, max-age=60"},
+        )
+
+    @route("/v1/signals/{transmitter}", methods=["POST"])
+    async def receive_signal(request: Request) -> Response:
+        """RFC 8935 push endpoint for a configured transmitter: 202 and no body when the
+        SET is accepted, 400 ``{"err", "description"}`` (RFC 8935 §2.3) when refused."""
+        receiver = svc().signal_receiver
+        name = request.path_params["transmitter"]
+        if receiver is None or not receiver.knows(name):
+            raise NotFound("no such transmitter")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_SET_LENGTH:
+                break  # enough to refuse it; the rest is never read
+        try:
+            await receiver.receive(
+                name,
+                bytes(body),
+                content_type=request.headers.get("content-type"),
+                authorization=request.headers.get("authorization"),
+            )
+        except SignalRejected as exc:
+            return json_response(rejection_body(exc.err), 400, no_store=True)
+        return Response(status_code=202)
+
     # --- agents: tasks and credentials -------------------------------------------------
 
     @route("/v1/tasks", methods=["POST"])
@@ -332,28 +479,29 @@ def create_app(
         metrics.credentials_issued.inc()
         return json_response(credential_view(issued), 201, no_store=True)
 
-    async def task_caller_or_admin(request: Request) -> Task:
-        """The task for its own agent (identity + DPoP of the task's key) or an admin."""
+    async def task_caller_or_admin(request: Request) -> tuple[Task, str]:
+        """The task for its own agent (identity + DPoP of the task's key) or an admin, and
+        who that is (the cause recorded with a revocation)."""
         task_id = request.path_params["task_id"]
         token = bearer(request)
         if token is not None and token.startswith("tbat_"):
-            await admin(request)
-            return await svc().broker.get_task(task_id)
+            cause = await admin(request)
+            return await svc().broker.get_task(task_id), cause
         caller = await agent_caller(request)
-        return await svc().broker.task_for_agent(caller, task_id)
+        return await svc().broker.task_for_agent(caller, task_id), "agent"
 
     @route("/v1/tasks/{task_id}", methods=["GET"])
     async def get_task(request: Request) -> Response:
-        task = await task_caller_or_admin(request)
+        task, _ = await task_caller_or_admin(request)
         return json_response(task_view(task, svc().clock.now()), no_store=True)
 
     def ender(state: TaskState) -> Handler:
         async def end(request: Request) -> Response:
-            task = await task_caller_or_admin(request)
-            reason = "ended by the agent"
+            task, cause = await task_caller_or_admin(request)
+            reason = "ended by the agent" if cause == "agent" else "ended by an admin"
             if await request.body():
                 reason = (await read_json(request, EndTaskBody)).reason or reason
-            ended, changed = await svc().broker.end_task(task.id, state, reason)
+            ended, changed = await svc().broker.end_task(task.id, state, reason, cause=cause)
             if changed:
                 metrics.tasks_ended.labels(state.value).inc()
             out = task_view(ended, svc().clock.now())
@@ -397,13 +545,13 @@ def create_app(
 
     @route("/v1/admin/owners/{owner_id}", methods=["GET", "PUT"])
     async def owner(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         owner_id = request.path_params["owner_id"]
         if request.method == "PUT":
             spec = await read_json(request, OwnerSpec)
             if spec.id != owner_id:
                 raise InvalidRequest("the body's id does not match the path")
-            return json_response(owner_view(await svc().registry.update_owner(spec)))
+            return json_response(owner_view(await svc().registry.update_owner(spec, cause=cause)))
         found = await svc().storage.get_owner(owner_id)
         if found is None:
             raise NotFound(f"no owner {owner_id!r}")
@@ -451,13 +599,13 @@ def create_app(
 
     @route("/v1/admin/agents/{spiffe_id:path}", methods=["GET", "PUT"])
     async def agent(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         spiffe_id = request.path_params["spiffe_id"]
         if request.method == "PUT":
             spec = await read_json(request, AgentSpec)
             if spec.spiffe_id != spiffe_id:
                 raise InvalidRequest("the body's spiffe_id does not match the path")
-            return json_response(agent_view(await svc().registry.update_agent(spec)))
+            return json_response(agent_view(await svc().registry.update_agent(spec, cause=cause)))
         found = await svc().storage.get_agent(spiffe_id)
         if found is None:
             raise NotFound("no such agent")
@@ -507,16 +655,48 @@ def create_app(
 
     @route("/v1/admin/tasks/{task_id}/revoke", methods=["POST"])
     async def revoke_task(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         reason = "revoked by an admin"
         if await request.body():
             reason = (await read_json(request, EndTaskBody)).reason or reason
         ended, changed = await svc().broker.end_task(
-            request.path_params["task_id"], TaskState.REVOKED, reason
+            request.path_params["task_id"], TaskState.REVOKED, reason, cause=cause
         )
         if changed:
             metrics.tasks_ended.labels("revoked").inc()
         out = task_view(ended, svc().clock.now())
+        out["changed"] = changed
+        return json_response(out)
+
+    @route("/v1/admin/credentials/{jti}/revoke", methods=["POST"])
+    async def revoke_credential(request: Request) -> Response:
+        """Revoke one credential and everything derived from it. Idempotent: ``changed``
+        is false for a credential that is unknown, expired or already revoked."""
+        cause = await admin(request)
+        reason = "revoked by an admin"
+        if await request.body():
+            reason = (await read_json(request, EndTaskBody)).reason or reason
+        jti = request.path_params["jti"]
+        changed = await svc().broker.revoke_credential(jti, reason, cause=cause)
+        return json_response({"jti": jti, "changed": changed})
+
+    @route("/v1/admin/agents/{spiffe_id:path}/{verb}", methods=["POST"])
+    async def agent_state(request: Request) -> Response:
+        """suspend | quarantine | resume | retire an agent (DESIGN.md §2): leaving active
+        revokes all the agent's live tasks at once. Idempotent; ``changed`` says whether
+        anything changed. The reason is recorded with the revocations."""
+        cause = await admin(request)
+        verb = request.path_params["verb"]
+        state = AGENT_VERBS.get(verb)
+        if state is None:
+            raise NotFound(f"no agent operation {verb!r}")
+        reason = None
+        if await request.body():
+            reason = (await read_json(request, EndTaskBody)).reason
+        agent, changed = await svc().registry.set_agent_state(
+            request.path_params["spiffe_id"], state, cause=cause, reason=reason
+        )
+        out = agent_view(agent)
         out["changed"] = changed
         return json_response(out)
 
@@ -548,6 +728,46 @@ def create_app(
             raise InvalidRequest("purpose must be credentials or dev_identity") from None
         new = await svc().keys.rotate(purpose)
         return json_response({"kid": new.kid, "alg": new.alg, "purpose": new.purpose.value}, 201)
+
+    @route("/v1/admin/keys/{kid}/withdraw", methods=["POST"])
+    async def withdraw_key(request: Request) -> Response:
+        """Withdraw a compromised signing key: unpublished, untrusted, everything it
+        signed revoked, an active key replaced, all at once."""
+        cause = await admin(request)
+        reason = "signing key withdrawn"
+        if await request.body():
+            reason = (await read_json(request, EndTaskBody)).reason or reason
+        kid = request.path_params["kid"]
+        revoked = await svc().keys.withdraw(kid, cause=cause, reason=reason)
+        # This process's gateway has it at once; if that fails, its feed catches up.
+        with contextlib.suppress(Exception):
+            await svc().revocations.sync()
+        return json_response({"kid": kid, "credentials_revoked": revoked})
+
+    @route("/v1/admin/revocations", methods=["GET"])
+    async def revocations(request: Request) -> Response:
+        """The revocation log after ``after`` (at most ``limit``), and this process's feed."""
+        await admin(request)
+        q = request.query_params
+        try:
+            after, limit = int(q.get("after", "0")), int(q.get("limit", "100"))
+        except ValueError:
+            raise InvalidRequest("after and limit must be numbers") from None
+        if after < 0 or not 1 <= limit <= 1000:
+            raise InvalidRequest("after must be >= 0 and limit between 1 and 1000")
+        entries = await svc().storage.list_revocations(after=after, limit=limit)
+        feed = svc().revocations
+        return json_response(
+            {
+                "revocations": [revocation_view(e) for e in entries],
+                "feed": {
+                    "seq": feed.state.seq,
+                    "age_seconds": feed.age(),
+                    "stale": feed.stale() is not None,
+                    "entries": len(feed.state),
+                },
+            }
+        )
 
     @route("/v1/admin/policy", methods=["GET"])
     async def policy_status(request: Request) -> Response:
@@ -614,9 +834,11 @@ def create_app(
     routes = [
         metadata, jwks, start_task, fresh_credential, get_task, complete, cancel,
         introspect, revoke, owners, owner, tools, tool, agents, agent, apply, list_tasks,
-        task_credentials, revoke_task, keys, rotate, policy_status, policy_reload,
+        task_credentials, revoke_task, revoke_credential, agent_state, keys, rotate,
+        withdraw_key, revocations, policy_status, policy_reload,
         mint_identity, healthz, readyz, metrics_endpoint,
     ]  # fmt: skip
+    routes += [ssf_configuration, ssf_jwks, receive_signal]
     if not broker:
         routes = [healthz, readyz, metrics_endpoint]
     if settings.gateway.enabled or not broker:
@@ -628,6 +850,8 @@ def create_app(
         own = services is None
         state["services"] = services or await open_services(settings)
         background = []
+        # Follow the revocation log from now on (loaded already, before serving).
+        state["services"].revocations.start()
         if sweep:
             background.append(asyncio.create_task(_sweep_forever(state["services"])))
             if settings.policy.watch:
@@ -636,6 +860,10 @@ def create_app(
                         state["services"].policy.watch(settings.policy.watch_interval_seconds)
                     )
                 )
+        # Push Shared Signals to the configured receivers (none configured: no sender).
+        sender = state["services"].signal_sender
+        if sender is not None:
+            sender.start()
         log.info("taskbound ready", extra={"url": settings.public_url})
         try:
             yield
@@ -644,6 +872,8 @@ def create_app(
                 job.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await job
+            if sender is not None:
+                await sender.aclose()
             if own:
                 await state["services"].aclose()
 

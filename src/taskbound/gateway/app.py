@@ -118,6 +118,7 @@ class Gateway:
             services.replay,
             services.clock,
             services.events,
+            services.revocations,
         )
         self.upstream = Upstream(
             connect_timeout=gw.connect_timeout_seconds,

@@ -2,7 +2,9 @@
 
 1. the credential (RFC 9068: pinned algorithm, exact issuer, audience = this tool),
 2. the DPoP proof (RFC 9449 §4.3 with `ath`, `cnf.jkt`, replay, server nonces),
-3. liveness (credential, task, agent and owner all live, from memory kept current),
+3. liveness (credential, task, agent and owner all live, from memory kept current) and
+   the revocation state fed by the revocation log, refusing with 503 while that feed is
+   staler than its bound,
 4. the action (HTTP route or MCP tool) within the credential's tier and actions,
 5. the Cedar call decision with the call's real arguments.
 
@@ -39,6 +41,7 @@ from taskbound.core.model import (
     Tool,
 )
 from taskbound.core.policy import Decision, Outcome
+from taskbound.core.revocation import Standing
 from taskbound.core.tokens import CredentialClaims, verify_credential
 from taskbound.errors import (
     InvalidDPoPProof,
@@ -49,6 +52,7 @@ from taskbound.errors import (
 from taskbound.service.events import Change, Event, Events
 from taskbound.service.keys import KeyManager
 from taskbound.service.policy import PolicyEngine
+from taskbound.service.revocations import RevocationFeed
 from taskbound.storage.base import ReplayCache, Storage
 
 
@@ -203,6 +207,7 @@ class Checks:
         replay: ReplayCache,
         clock: Clock,
         events: Events,
+        feed: RevocationFeed,
         nonce_secret: bytes | None = None,
     ) -> None:
         self._settings = settings
@@ -218,6 +223,10 @@ class Checks:
         self._live = Expiring(gw.credential_cache_entries)
         self._live_ttl = gw.liveness_ttl_seconds
         self._rate = CallRate()
+        self._feed = feed
+        # Set when this process revoked something: the next call catches the feed up first.
+        self._behind = False
+        feed.listeners.append(lambda _entries: self._live.clear())
         self.nonces = NonceIssuer(
             nonce_secret or secrets.token_bytes(32), gw.nonce_lifetime_seconds
         )
@@ -228,6 +237,7 @@ class Checks:
         # answer at once (they are re-read from the database on the next call).
         if event.change is not Change.TOOL_CHANGED:
             self._live.clear()
+            self._behind = True
 
     # --- 1. credential -------------------------------------------------------------------
 
@@ -350,6 +360,40 @@ class Checks:
             raise invalid_token("owner is disabled")
         return live
 
+    async def revocations(self, live: Live) -> None:
+        """The revocation state, fed by the log: fail closed when the feed is stale."""
+        if self._behind:
+            self._behind = False
+            try:
+                await self._feed.sync()
+            except Exception as exc:
+                self._behind = True
+                raise Refusal(
+                    "revocation_feed_stale",
+                    503,
+                    "the gateway cannot confirm that this credential is not revoked; retry shortly",
+                    internal=f"catching up after a local revocation failed: {exc!r}",
+                ) from None
+            # The catch-up may have waited: the feed must still be fresh now.
+            self.fresh_feed()
+        record = live.record
+        why = self._feed.state.refusal(
+            Standing(record.jti, record.task_id, live.agent.spiffe_id, live.owner.id, record.kid)
+        )
+        if why is not None:
+            raise invalid_token(why)
+
+    def fresh_feed(self) -> None:
+        self._feed.start()
+        age = self._feed.stale()
+        if age is not None:
+            raise Refusal(
+                "revocation_feed_stale",
+                503,
+                "the gateway cannot confirm that this credential is not revoked; retry shortly",
+                internal=f"revocation feed last confirmed {age:.1f} s ago",
+            )
+
     # --- 4. action within the credential -------------------------------------------------
 
     @staticmethod
@@ -431,6 +475,8 @@ class Checks:
         token, claims = self.credential(authorization, tool)
         if verified is not None:
             verified(claims)
+        self.fresh_feed()
         await self.proof(dpop_headers, method, url, token, claims)
         live = await self.liveness(claims)
+        await self.revocations(live)
         return Admitted(token, claims, live)

@@ -364,12 +364,17 @@ class Broker:
             raise NotFound("no such task")
         return task
 
-    async def end_task(self, task_id: str, state: TaskState, reason: str) -> tuple[Task, bool]:
+    async def end_task(
+        self, task_id: str, state: TaskState, reason: str, *, cause: str = "agent"
+    ) -> tuple[Task, bool]:
         """End a task and revoke everything issued for it. Idempotent: ending an ended
-        task changes nothing and says so (``changed`` False)."""
+        task changes nothing and says so (``changed`` False). ``cause`` says who ended it
+        ("agent", "admin:<token id>")."""
         if state is TaskState.ACTIVE:
             raise InvalidRequest("a task cannot be ended into the active state")
-        result = await self._storage.end_task(task_id, state, reason, self._clock.now())
+        result = await self._storage.end_task(
+            task_id, state, reason, self._clock.now(), cause=cause
+        )
         if result is None:
             raise NotFound("no such task")
         task, changed = result
@@ -382,6 +387,7 @@ class Broker:
                 "task_id": task_id,
                 "state": task.state.value,
                 "reason": reason,
+                "cause": cause,
                 "changed": changed,
             },
         )
@@ -476,12 +482,17 @@ class Broker:
             claims = await self._verify_own(token)
         except InvalidToken:
             return False
-        revoked = await self._storage.revoke_credential(claims.jti, reason, self._clock.now())
+        return await self.revoke_credential(claims.jti, reason, cause="token holder")
+
+    async def revoke_credential(self, jti: str, reason: str, *, cause: str) -> bool:
+        """Revoke one credential and everything derived from it. Idempotent: False when it
+        was unknown, expired or already revoked."""
+        revoked = await self._storage.revoke_credential(jti, reason, self._clock.now(), cause=cause)
         if revoked:
-            self._events.publish(Change.CREDENTIAL_REVOKED, claims.jti)
+            self._events.publish(Change.CREDENTIAL_REVOKED, jti)
         log.info(
             "credential revoked",
-            extra={"event": "credential.revoked", "jti": claims.jti, "changed": revoked},
+            extra={"event": "credential.revoked", "jti": jti, "changed": revoked, "cause": cause},
         )
         return revoked
 
@@ -495,4 +506,7 @@ class Broker:
             self._events.publish(Change.TASK_ENDED, task_id)
             log.info("task expired", extra={"event": "task.expired", "task_id": task_id})
         await self._keys.prune()
+        # Entries past their own expiry protect nothing (the leeway keeps them a little
+        # longer than any verifier accepts the credentials they name).
+        await self._storage.prune_revocations(self._clock.now() - self._leeway)
         return expired

@@ -7,6 +7,7 @@ reaches the database.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,9 +22,9 @@ from taskbound.core.keys import (
     private_key_to_bytes,
     public_jwk,
 )
-from taskbound.core.model import KeyPurpose, KeyState, SigningKey
+from taskbound.core.model import KeyPurpose, KeyState, Revocation, RevocationKind, SigningKey
 from taskbound.core.secretbox import SecretBox
-from taskbound.errors import KeyUnavailable
+from taskbound.errors import KeyUnavailable, NotFound
 from taskbound.storage.base import KeyStore
 
 log = logging.getLogger("taskbound.keys")
@@ -63,6 +64,7 @@ class KeyManager:
         self._overlap = overlap
         self._keys: dict[KeyPurpose, _PurposeKeys] = {}
         self._reloaded_at: datetime | None = None
+        self._pending: set[asyncio.Task[None]] = set()
 
     def _seal(self, key: PrivateKey, purpose: KeyPurpose, now: datetime) -> SigningKey:
         return SigningKey(
@@ -156,6 +158,52 @@ class KeyManager:
         await self.reload()
         log.info("signing key rotated", extra={"purpose": purpose.value, "kid": new.kid})
         return new
+
+    async def withdraw(self, kid: str, *, cause: str, reason: str) -> int:
+        """Withdraw a (compromised) key at once: it is no longer published or trusted,
+        everything it signed is revoked, and an active key is replaced by a new one in the
+        same transaction. Returns how many credentials were revoked. NotFound when no such
+        key is stored."""
+        now = self._clock.now()
+        stored = {k.kid: k for k in await self._store.list_keys()}
+        key = stored.get(kid)
+        if key is None:
+            raise NotFound(f"no signing key {kid!r}")
+        replacement = None
+        if key.state is KeyState.ACTIVE:
+            alg = "ES256" if key.purpose is KeyPurpose.DEV_IDENTITY else self._algorithm
+            replacement = self._seal(generate_key(alg), key.purpose, now)
+        revoked = await self._store.withdraw_key(kid, now, replacement, cause=cause, reason=reason)
+        if revoked is None:
+            raise NotFound(f"no signing key {kid!r}")
+        await self.reload()
+        log.warning(
+            "signing key withdrawn",
+            extra={
+                "event": "key.withdrawn",
+                "kid": kid,
+                "purpose": key.purpose.value,
+                "replacement": None if replacement is None else replacement.kid,
+                "credentials_revoked": revoked,
+                "cause": cause,
+            },
+        )
+        return revoked
+
+    def on_revocations(self, entries: list[Revocation]) -> None:
+        """A key withdrawn by another process: drop it from the keyring now (a reload in
+        the background; until it lands, the gateway's revocation state refuses what the
+        key signed)."""
+        if any(e.kind is RevocationKind.KEY for e in entries):
+            task = asyncio.get_running_loop().create_task(self._reload_quietly())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except Exception:  # the periodic reload of the sweep tries again
+            log.exception("key reload after a withdrawal failed")
 
     async def prune(self) -> int:
         removed = await self._store.prune_keys(self._clock.now())

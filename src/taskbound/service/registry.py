@@ -35,7 +35,7 @@ from taskbound.core.model import (
     ToolKind,
 )
 from taskbound.core.secretbox import SecretBox
-from taskbound.errors import ConfigError, InvalidRequest, NotFound, ReferenceError_
+from taskbound.errors import ConfigError, Conflict, InvalidRequest, NotFound, ReferenceError_
 from taskbound.service.events import Change, Events
 from taskbound.storage.base import Storage
 
@@ -255,7 +255,7 @@ class Registry:
         log.info("owner created", extra={"event": "owner.created", "owner": owner.id})
         return owner
 
-    async def update_owner(self, spec: OwnerSpec) -> Owner:
+    async def update_owner(self, spec: OwnerSpec, *, cause: str = "system") -> Owner:
         old = await self._storage.get_owner(spec.id)
         if old is None:
             raise NotFound(f"no owner {spec.id!r}")
@@ -267,7 +267,7 @@ class Registry:
             self._clock.now(),
             spec.disabled,
         )
-        await self._storage.update_owner(owner)
+        await self._storage.update_owner(owner, cause=cause)
         self._events.publish(Change.OWNER_CHANGED, owner.id)
         log.info("owner updated", extra={"event": "owner.updated", "owner": owner.id})
         return owner
@@ -357,15 +357,47 @@ class Registry:
         log.info("agent created", extra={"event": "agent.created", "agent": agent.spiffe_id})
         return agent
 
-    async def update_agent(self, spec: AgentSpec) -> Agent:
+    async def update_agent(self, spec: AgentSpec, *, cause: str = "system") -> Agent:
         old = await self._storage.get_agent(spec.spiffe_id)
         if old is None:
             raise NotFound(f"no agent {spec.spiffe_id!r}")
         agent = await self._agent(spec, old.created_at)
-        await self._storage.update_agent(agent)
+        await self._storage.update_agent(agent, cause=cause)
         self._events.publish(Change.AGENT_CHANGED, agent.spiffe_id)
         log.info("agent updated", extra={"event": "agent.updated", "agent": agent.spiffe_id})
         return agent
+
+    async def set_agent_state(
+        self, spiffe_id: str, state: AgentState, *, cause: str, reason: str | None
+    ) -> tuple[Agent, bool]:
+        """Suspend, quarantine, resume or retire an agent. Leaving ACTIVE revokes all its
+        live tasks at once; a suspended or quarantined agent cannot start tasks; RETIRED
+        is final. Idempotent: ``changed`` is False when the agent already was in ``state``."""
+        old = await self._storage.get_agent(spiffe_id)
+        if old is None:
+            raise NotFound("no such agent")
+        if old.state is state:
+            return old, False
+        if old.state is AgentState.RETIRED:
+            raise Conflict("a retired agent cannot change state")
+        agent = await self._storage.set_agent_state(
+            spiffe_id, state, self._clock.now(), cause=cause, reason=reason
+        )
+        if agent is None:
+            raise NotFound("no such agent")
+        self._events.publish(Change.AGENT_CHANGED, spiffe_id)
+        log.warning(
+            "agent state changed",
+            extra={
+                "event": "agent.state_changed",
+                "agent": spiffe_id,
+                "from": old.state.value,
+                "to": state.value,
+                "cause": cause,
+                "reason": reason,
+            },
+        )
+        return agent, True
 
     # --- declarative apply ---------------------------------------------------------------
 
@@ -428,7 +460,7 @@ class Registry:
                 old_o is not None,
                 same,
                 lambda o=o: self.create_owner(o),
-                lambda o=o: self.update_owner(o),
+                lambda o=o: self.update_owner(o, cause="registry apply"),
             )
         for t in doc.tools:
             old_t = await self._storage.get_tool(t.id)
@@ -460,7 +492,7 @@ class Registry:
                 old_a is not None,
                 same,
                 lambda a=a: self.create_agent(a),
-                lambda a=a: self.update_agent(a),
+                lambda a=a: self.update_agent(a, cause="registry apply"),
             )
         return ApplyResult(tuple(created), tuple(updated), tuple(unchanged))
 

@@ -21,6 +21,8 @@ from taskbound.service.kek import load_kek
 from taskbound.service.keys import KeyManager
 from taskbound.service.policy import PolicyEngine
 from taskbound.service.registry import Registry
+from taskbound.service.revocations import RevocationFeed
+from taskbound.service.signals import SignalReceiver, SignalSender
 from taskbound.storage import open_storage
 from taskbound.storage.base import ReplayCache, Storage
 from taskbound.storage.redis_replay import RedisReplayCache
@@ -43,12 +45,20 @@ class Services:
     events: Events
     replay: ReplayCache
     http: httpx.AsyncClient
+    revocations: RevocationFeed
     # Resources other components opened on these services (the gateway's upstream pool).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Shared Signals: out (None without receivers; started by the app), in (None without
+    # transmitters).
+    signal_sender: SignalSender | None = None
+    signal_receiver: SignalReceiver | None = None
 
     async def aclose(self) -> None:
         for close_one in reversed(self.closers):
             await close_one()
+        if self.signal_sender is not None:
+            await self.signal_sender.aclose()
+        await self.revocations.aclose()
         await self.http.aclose()
         close = getattr(self.replay, "close", None)
         if close is not None:
@@ -76,6 +86,8 @@ async def open_services(
         purposes: tuple[KeyPurpose, ...] = (KeyPurpose.CREDENTIALS,)
         if settings.identity.dev_issuer:
             purposes += (KeyPurpose.DEV_IDENTITY,)
+        if settings.signals.receivers:
+            purposes += (KeyPurpose.SIGNALS,)
         await keys.ensure(purposes)
         http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False)
         identity = IdentityVerifier(settings, keys, clock, http)
@@ -101,6 +113,19 @@ async def open_services(
         registry = Registry(
             storage, box, clock, on_tools_changed=policy.refresh_registry, events=events
         )
+        # Before serving: every revocation that still matters is in memory.
+        revocations = RevocationFeed(settings, storage, clock)
+        revocations.listeners.append(keys.on_revocations)
+        await revocations.load()
+        signal_sender = None
+        if settings.signals.receivers:
+            signal_sender = SignalSender(settings, storage, keys, clock, http)
+            revocations.listeners.append(signal_sender.notify)
+        signal_receiver = None
+        if settings.signals.transmitters:
+            signal_receiver = SignalReceiver(
+                settings, storage, registry, replay, clock, http, on_change=revocations.sync
+            )
     except BaseException:
         await storage.close()
         raise
@@ -122,4 +147,7 @@ async def open_services(
         events,
         replay,
         http,
+        revocations,
+        signal_sender=signal_sender,
+        signal_receiver=signal_receiver,
     )

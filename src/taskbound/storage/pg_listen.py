@@ -5,7 +5,6 @@ notifications are lost)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from datetime import datetime
 from typing import Any
@@ -30,21 +29,31 @@ class PostgresListener:
         self._engine: AsyncEngine | None = None
         self._conn: AsyncConnection | None = None
         self._driver: Any = None
-        self._notified = asyncio.Event()
 
     async def open(self) -> None:
         """Connect and LISTEN. Raises StorageError when the database cannot be reached."""
         await self.close()
         try:
-            self._engine = create_engine_for(self._target, poolclass=NullPool)
+            # TCP keepalives and a user timeout: a silently dead route (no RST) fails the
+            # connection within seconds, instead of hanging a query until the OS gives up.
+            self._engine = create_engine_for(
+                self._target,
+                poolclass=NullPool,
+                connect_args={
+                    "keepalives": 1,
+                    "keepalives_idle": 2,
+                    "keepalives_interval": 1,
+                    "keepalives_count": 2,
+                    "tcp_user_timeout": 3000,
+                },
+            )
             conn = await self._engine.connect()
             self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             await self._conn.exec_driver_sql(f"LISTEN {REVOCATION_CHANNEL}")
             raw = await self._conn.get_raw_connection()
+            # Notifications that arrive while a query runs are kept by psycopg and handed
+            # out by the next notifies() call; those that arrive while waiting, at once.
             self._driver = raw.driver_connection
-            # Notifications that arrive while a query runs on this connection are handed
-            # to this handler; those that arrive while waiting come through notifies().
-            self._driver.add_notify_handler(lambda _n: self._notified.set())
         except (SQLAlchemyError, OSError) as exc:
             await self.close()
             raise storage_error(exc, self._target.secrets) from exc
@@ -68,14 +77,10 @@ class PostgresListener:
 
     async def wait(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for a notification; True when one came."""
-        if self._notified.is_set():
-            self._notified.clear()
-            return True
         if self._driver is None:
             raise storage_error(ConnectionError("listener is not open"), self._target.secrets)
         try:
             async for _ in self._driver.notifies(timeout=seconds, stop_after=1):
-                self._notified.clear()
                 return True
         except Exception as exc:  # psycopg.OperationalError and friends: the feed is broken
             raise storage_error(exc, self._target.secrets) from exc

@@ -141,7 +141,7 @@ def create_engine_for(target: DatabaseURL, **extra: Any) -> AsyncEngine:
         "json_deserializer": codec.load_json,
     }
     if target.dialect == "postgresql":
-        connect_args = {}
+        connect_args = dict(options.pop("connect_args", {}))
         if "connect_timeout" not in target.async_url.query:
             connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
         return create_async_engine(
