@@ -58,6 +58,12 @@ class HeadersTooLarge(TaskboundError):
     default_detail = "the request headers are too large"
 
 
+class UnsupportedGrantType(TaskboundError):
+    code = "unsupported_grant_type"
+    status = 400
+    default_detail = "the token endpoint supports only token exchange (RFC 8693)"
+
+
 class UnsupportedMediaType(TaskboundError):
     code = "unsupported_media_type"
     status = 415

@@ -79,12 +79,20 @@ def build_context(
 
 
 def decision_entities(
-    agent: Agent, owners: Sequence[Owner], task: TaskFacts
+    agent: Agent,
+    owners: Sequence[Owner],
+    task: TaskFacts,
+    others: Sequence[Agent] = (),
 ) -> list[dict[str, Any]]:
-    """The per-decision entities: the agent, its owner(s) and the task, always fresh, so a
-    suspended agent or a disabled owner is seen at once."""
+    """The per-decision entities: the agent, its owner(s), the task and any ``others``
+    (the task's own agent when a delegate acts), always fresh, so a suspended agent or a
+    disabled owner is seen at once."""
     unique = {o.id: o for o in owners}
-    return [*registry_entities(list(unique.values()), [agent], []), task_entity(task)]
+    agents = {a.spiffe_id: a for a in (agent, *others)}
+    return [
+        *registry_entities(list(unique.values()), list(agents.values()), []),
+        task_entity(task),
+    ]
 
 
 def decide_action(

@@ -45,6 +45,12 @@ class GrantRequest:
     ttl: timedelta
     tools: Mapping[str, Tool]
     now: datetime
+    # Delegation (token exchange): how deep in a chain this grant would be.
+    delegation_depth: int = 0
+    # ... and the further agents and owners policy may look at (the task's agent, the
+    # delegate's owner).
+    others: tuple[Agent, ...] = ()
+    other_owners: tuple[Owner, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

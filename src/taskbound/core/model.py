@@ -64,6 +64,7 @@ class KeyPurpose(StrEnum):
     CREDENTIALS = "credentials"
     DEV_IDENTITY = "dev_identity"
     SIGNALS = "signals"  # Security Event Tokens sent to Shared Signals receivers
+    TRANSACTION = "transaction"  # Txn-Tokens the gateway sends to tools with each call
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,22 @@ class Action:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamExchange:
+    """Per-task upstream credentials for a tool: the gateway obtains a token from the
+    upstream's own authorization server by RFC 8693 token exchange, presenting a Txn-Token
+    for ``audience`` as the subject token and authenticating as ``client_id``.
+
+    The client secret is not part of this value: it is stored encrypted in the tool's
+    secret slot (a tool has either a static upstream secret or an exchange, never both).
+    """
+
+    token_endpoint: str
+    audience: str
+    client_id: str
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Tool:
     """A destination agents call through the gateway.
 
@@ -132,6 +149,8 @@ class Tool:
     updated_at: datetime
     upstream_auth_header: str = "Authorization"
     description: str = ""
+    # None: the gateway injects the tool's static secret (if any).
+    upstream_exchange: UpstreamExchange | None = None
 
     def tiers(self) -> frozenset[Tier]:
         return frozenset(a.tier for a in self.actions)
@@ -178,6 +197,9 @@ class Task:
     state: TaskState = TaskState.ACTIVE
     ended_at: datetime | None = None
     end_reason: str | None = None
+    # RFC 8693 §4.4: the one agent the task's credentials may be delegated to (None: any
+    # agent policy allows).
+    may_act: str | None = None
 
     def state_at(self, now: datetime) -> TaskState:
         """The state as of ``now``: an active task past its TTL is expired even before the
@@ -275,6 +297,7 @@ class AuditEvent:
     latency_ms: float | None = None
     upstream_status: int | None = None
     detail: str | None = None  # internal reason, never a secret
+    txn: str | None = None  # the transaction id of the task's delegation chain
 
 
 class RevocationKind(StrEnum):

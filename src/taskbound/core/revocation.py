@@ -38,6 +38,10 @@ class Standing:
     agent_id: str
     owner_id: str
     kid: str
+    # Delegation: the credentials this one was exchanged from and the agents acting in
+    # the chain; revoking any of them revokes this one.
+    parents: tuple[str, ...] = ()
+    actors: tuple[str, ...] = ()
 
 
 class RevocationState:
@@ -87,9 +91,13 @@ class RevocationState:
             return "credential revoked"
         if _key(RevocationKind.TASK.value, standing.task_id) in self._dead:
             return "task ended"
-        state = self._agents.get(standing.agent_id)
-        if state is not None:
-            return f"agent {state}"
+        for parent in standing.parents:
+            if _key(RevocationKind.CREDENTIAL.value, parent) in self._dead:
+                return "a credential it was delegated from is revoked"
+        for agent in (standing.agent_id, *standing.actors):
+            state = self._agents.get(agent)
+            if state is not None:
+                return f"agent {state}"
         if standing.owner_id in self._owners:
             return "owner disabled"
         if standing.kid in self._keys:

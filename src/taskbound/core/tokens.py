@@ -38,6 +38,8 @@ _JKT: Final = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url SHA-256, RFC 7638 §
 # RFC 6749 §3.3 scope-token characters, minus the ':' that separates tool and tier.
 _TOOL: Final = re.compile(r"[\x21\x23-\x39\x3b-\x5b\x5d-\x7e]+")
 _DETAIL_MEMBERS: Final = frozenset({"type", "tool", "tier", "actions", "constraints"})
+# The deepest delegation chain a credential may carry (configuration sets a lower bound).
+MAX_CHAIN: Final = 8
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,24 @@ class CredentialClaims:
     tier: Tier
     actions: tuple[str, ...]
     jkt: str
+    # The transaction id every credential and audit record of the task's chain shares.
+    txn: str | None = None
+    # Delegation (RFC 8693 §4.1): the acting agents, the current actor first (the nested
+    # ``act`` claims), and the jtis of the credentials this one was exchanged from, its
+    # parent first (``tb_parents``). Empty for a credential issued at task start.
+    actors: tuple[str, ...] = ()
+    parents: tuple[str, ...] = ()
+    # RFC 8693 §4.4: the one party allowed to exchange this credential, when named.
+    may_act: str | None = None
+
+    @property
+    def holder(self) -> str:
+        """The agent holding the credential: the current actor, or the task's agent."""
+        return self.actors[0] if self.actors else self.subject
+
+    @property
+    def depth(self) -> int:
+        return len(self.actors)
 
     @property
     def scope(self) -> str:
@@ -119,6 +139,20 @@ def mint_credential(claims: CredentialClaims, key: PrivateKey) -> str:
         "owner": claims.owner_id,
         "intent": claims.purpose,
     }
+    if claims.txn is not None:
+        payload["txn"] = claims.txn
+    if len(claims.actors) != len(claims.parents):
+        raise ValueError("every actor of a delegation chain has one parent credential")
+    if len(claims.actors) > MAX_CHAIN:
+        raise ValueError(f"a delegation chain is at most {MAX_CHAIN} deep")
+    if claims.actors:
+        act: dict[str, Any] | None = None
+        for actor in reversed(claims.actors):
+            act = {"sub": actor} if act is None else {"sub": actor, "act": act}
+        payload["act"] = act
+        payload["tb_parents"] = list(claims.parents)
+    if claims.may_act is not None:
+        payload["may_act"] = {"sub": claims.may_act}
     return jws.sign_compact(header, payload, key)
 
 
@@ -187,6 +221,16 @@ def _credential_claims(
     purpose = jws.require_str(claims, "intent", allow_empty=True)
     jkt = _confirmation(claims)
     tool, tier, actions, constraints = _authorization(claims)
+    txn = claims.get("txn")
+    if txn is not None and (not isinstance(txn, str) or not txn):
+        raise jws.Rejected("txn is not a non-empty string")
+    actors, parents = _delegation(claims)
+    may_act = None
+    if "may_act" in claims:
+        member = claims["may_act"]
+        if not isinstance(member, dict) or set(member) != {"sub"}:
+            raise jws.Rejected("may_act must be an object with sub only")
+        may_act = jws.require_str(member, "sub")
     return CredentialClaims(
         issuer=issuer,
         subject=subject,
@@ -204,7 +248,35 @@ def _credential_claims(
         tier=tier,
         actions=actions,
         jkt=jkt,
+        txn=txn,
+        actors=actors,
+        parents=parents,
+        may_act=may_act,
     )
+
+
+def _delegation(claims: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """RFC 8693 §4.1 nested ``act`` (current actor outermost) and the parallel
+    ``tb_parents`` (the credential each hop was exchanged from), both or neither."""
+    act = claims.get("act")
+    parents = claims.get("tb_parents")
+    if act is None and parents is None:
+        return (), ()
+    actors: list[str] = []
+    while act is not None:
+        if not isinstance(act, dict) or not set(act) <= {"sub", "act"}:
+            raise jws.Rejected("act must be an object with sub and an optional act")
+        actors.append(jws.require_str(act, "sub"))
+        if len(actors) > MAX_CHAIN:
+            raise jws.Rejected("delegation chain too deep")
+        act = act.get("act")
+    if (
+        not isinstance(parents, list)
+        or len(parents) != len(actors)
+        or not all(isinstance(p, str) and p for p in parents)
+    ):
+        raise jws.Rejected("tb_parents must name one parent credential per actor")
+    return tuple(actors), tuple(parents)
 
 
 def _confirmation(claims: Mapping[str, Any]) -> str:

@@ -87,6 +87,20 @@ class RegistryStore(Protocol):
         revokes as ``update_agent`` does (Conflict for a retired agent)."""
         ...
 
+    async def change_agent_state(
+        self,
+        spiffe_id: str,
+        state: AgentState,
+        now: datetime,
+        *,
+        cause: str = "system",
+        reason: str | None = None,
+    ) -> tuple[Agent, bool] | None:
+        """As ``set_agent_state``, but an agent already in ``state`` is left untouched, and
+        the answer says whether this call changed it (decided under the row lock, so of
+        concurrent identical calls exactly one reports a change). None: no such agent."""
+        ...
+
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None: ...
 
     async def update_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
@@ -161,6 +175,17 @@ class TaskStore(Protocol):
     async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
         """Record a fresh credential only if its task is ACTIVE and not past ``expires_at``
         at ``now`` (checked in the same statement/transaction). False when it is not."""
+        ...
+
+    async def add_derived_credential(
+        self, credential: CredentialRecord, now: datetime, *, single_use: bool
+    ) -> bool:
+        """Record a credential obtained by token exchange from ``credential.parent_jti``,
+        in one transaction: only while that parent is live at ``now`` (not revoked, not
+        expired), the task is ACTIVE and unexpired, and — with ``single_use`` — nothing was
+        exchanged from the parent before; the exchange is counted on the parent (a
+        conditional UPDATE, so concurrent exchanges of one parent cannot both win). False,
+        and nothing written, otherwise. ValueError without a ``parent_jti``."""
         ...
 
     async def get_credential(self, jti: str) -> CredentialRecord | None: ...

@@ -39,6 +39,7 @@ from taskbound.core.model import (
     Tier,
     Tool,
     ToolKind,
+    UpstreamExchange,
 )
 
 Row = dict[str, Any]
@@ -198,9 +199,39 @@ def tool_row(tool: Tool) -> Row:
             "actions": [_action_json(a) for a in tool.actions],
             "upstream_auth_header": tool.upstream_auth_header,
             "description": tool.description,
+            "upstream_exchange": _exchange_json(tool.upstream_exchange),
             "created_at": utc(tool.created_at),
             "updated_at": utc(tool.updated_at),
         }
+    )
+
+
+def _exchange_json(exchange: UpstreamExchange | None) -> dict[str, Any] | None:
+    if exchange is None:
+        return None
+    check_text(
+        token_endpoint=exchange.token_endpoint,
+        audience=exchange.audience,
+        client_id=exchange.client_id,
+        scope=exchange.scope,
+    )
+    return {
+        "token_endpoint": exchange.token_endpoint,
+        "audience": exchange.audience,
+        "client_id": exchange.client_id,
+        "scope": exchange.scope,
+    }
+
+
+def _exchange_from(data: Mapping[str, Any] | None) -> UpstreamExchange | None:
+    # SQL NULL, or JSON null (how a JSON column may store None), is "no exchange".
+    if data is None:
+        return None
+    return UpstreamExchange(
+        token_endpoint=data["token_endpoint"],
+        audience=data["audience"],
+        client_id=data["client_id"],
+        scope=data.get("scope"),
     )
 
 
@@ -213,6 +244,8 @@ def tool_from(row: Mapping[Any, Any]) -> Tool:
         actions=tuple(_action_from(a) for a in row["actions"]),
         upstream_auth_header=row["upstream_auth_header"],
         description=row["description"],
+        # Absent in rows written before upstream exchange existed.
+        upstream_exchange=_exchange_from(row.get("upstream_exchange")),
         created_at=utc(row["created_at"]),
         updated_at=utc(row["updated_at"]),
     )
@@ -243,6 +276,7 @@ def task_row(task: Task) -> Row:
             "expires_at": utc(task.expires_at),
             "ended_at": utc_or_none(task.ended_at),
             "end_reason": task.end_reason,
+            "may_act": task.may_act,
         }
     )
 
@@ -266,6 +300,7 @@ def task_from(row: Mapping[Any, Any]) -> Task:
         expires_at=utc(row["expires_at"]),
         ended_at=utc_or_none(row["ended_at"]),
         end_reason=row["end_reason"],
+        may_act=row["may_act"],
     )
 
 
@@ -285,6 +320,7 @@ def credential_row(cred: CredentialRecord) -> Row:
             "revoked_at": utc_or_none(cred.revoked_at),
             "revoke_reason": cred.revoke_reason,
             "parent_jti": cred.parent_jti,
+            "exchange_count": 0,
         }
     )
 
@@ -425,6 +461,7 @@ def audit_row(event: AuditEvent) -> Row:
             "latency_ms": latency,
             "upstream_status": status,
             "detail": bounded_detail(event.detail),
+            "txn": event.txn,
         }
     )
 
@@ -450,6 +487,7 @@ def audit_from(row: Mapping[Any, Any]) -> tuple[int, AuditEvent]:
         latency_ms=None if latency is None else float(latency),
         upstream_status=row["upstream_status"],
         detail=row["detail"],
+        txn=row["txn"],
     )
 
 

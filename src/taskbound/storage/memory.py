@@ -190,12 +190,16 @@ class MemoryStorage:
         if was["state"] != state.value:
             log.append(codec.agent_entry(spiffe_id, state, now, cause, reason))
         if state is not AgentState.ACTIVE:
-            log += self._revoke_tasks(
-                lambda r: r["agent_id"] == spiffe_id,
-                reason or codec.agent_state_reason(state),
-                now,
-                cause,
-            )
+            why = reason or codec.agent_state_reason(state)
+            log += self._revoke_tasks(lambda r: r["agent_id"] == spiffe_id, why, now, cause)
+            # Credentials delegated to the agent within other agents' tasks, and theirs.
+            held = [
+                jti
+                for jti, r in self._credentials.rows()
+                if r["agent_id"] == spiffe_id and r["expires_at"] > now
+            ]
+            revoked = self._revoke_tree(held, why, now)
+            log += [codec.credential_entry(r, now, cause, why) for r in revoked]
         self._log(log)
 
     async def get_agent(self, spiffe_id: str) -> Agent | None:
@@ -227,6 +231,30 @@ class MemoryStorage:
             spiffe_id, {"state": state.value, "updated_at": now}, state, cause, reason
         )
         return await self.get_agent(spiffe_id)
+
+    async def change_agent_state(
+        self,
+        spiffe_id: str,
+        state: AgentState,
+        now: datetime,
+        *,
+        cause: str = "system",
+        reason: str | None = None,
+    ) -> tuple[Agent, bool] | None:
+        codec.check_text(cause=cause, reason=reason)
+        now = codec.utc(now)
+        state = AgentState(state)
+        was = self._agents.get(spiffe_id)
+        if was is None:
+            return None
+        if was["state"] == state.value:
+            return codec.agent_from(was), False
+        self._change_agent(
+            spiffe_id, {"state": state.value, "updated_at": now}, state, cause, reason
+        )
+        agent = await self.get_agent(spiffe_id)
+        assert agent is not None
+        return agent, True
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
         row = self._tools.encode(codec.tool_row(tool))
@@ -405,6 +433,31 @@ class MemoryStorage:
         if task is None or task["state"] != TaskState.ACTIVE.value or now >= task["expires_at"]:
             return False
         _require_new(self._credentials, credential.jti)
+        self._credentials.insert(credential.jti, row)
+        return True
+
+    async def add_derived_credential(
+        self, credential: CredentialRecord, now: datetime, *, single_use: bool
+    ) -> bool:
+        parent_jti = credential.parent_jti
+        if parent_jti is None:
+            raise ValueError("a derived credential needs a parent_jti")
+        row = self._credentials.encode(codec.credential_row(credential))
+        now = codec.utc(now)
+        parent = self._credentials.get(parent_jti)
+        task = self._tasks.get(credential.task_id)
+        if (
+            parent is None
+            or parent["revoked_at"] is not None
+            or now >= parent["expires_at"]
+            or (single_use and parent["exchange_count"] > 0)
+            or task is None
+            or task["state"] != TaskState.ACTIVE.value
+            or now >= task["expires_at"]
+        ):
+            return False
+        _require_new(self._credentials, credential.jti)
+        self._credentials.update(parent_jti, {"exchange_count": parent["exchange_count"] + 1})
         self._credentials.insert(credential.jti, row)
         return True
 

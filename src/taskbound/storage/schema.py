@@ -120,6 +120,9 @@ tools = Table(
     Column("upstream_auth_header", String, nullable=False),
     Column("description", Text, nullable=False),
     Column("secret_ciphertext", LargeBinary, nullable=True),
+    # Per-task upstream credentials by RFC 8693 exchange with the upstream's own
+    # authorization server (token endpoint, audience, client id); NULL: a static secret.
+    Column("upstream_exchange", JSON, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
 )
@@ -140,6 +143,7 @@ tasks = Table(
     Column("expires_at", UTCDateTime, nullable=False),
     Column("ended_at", UTCDateTime, nullable=True),
     Column("end_reason", Text, nullable=True),
+    Column("may_act", String, nullable=True),
     # Serves list_tasks(state=...) and the expiry sweep (state = 'active' AND expires_at <= now).
     Index(None, "state", "expires_at"),
 )
@@ -160,6 +164,8 @@ credentials = Table(
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("revoke_reason", Text, nullable=True),
     Column("parent_jti", String, nullable=True),
+    # How many credentials were derived from this one by token exchange (single use).
+    Column("exchange_count", Integer, nullable=False, server_default="0"),
     # The revocation cascade walks parent -> children; a key withdrawal finds what it signed.
     Index(None, "parent_jti"),
     Index(None, "kid"),
@@ -217,6 +223,8 @@ audit_events = Table(
     Column("latency_ms", Float, nullable=True),
     Column("upstream_status", Integer, nullable=True),
     Column("detail", Text, nullable=True),
+    # The transaction id shared by every record of one delegation chain.
+    Column("txn", String, nullable=True),
     # list_audit(task=...) / (agent=...) read a range of one of these in seq order.
     Index(None, "task", "seq"),
     Index(None, "agent", "seq"),

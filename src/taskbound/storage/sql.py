@@ -99,6 +99,10 @@ _REVOCATION_INSERT = t.revocations.insert().returning(
 )
 
 
+class _Abandon(Exception):
+    """Raised inside a transaction to roll it back when a later step finds nothing to do."""
+
+
 def configure_sqlite(engine: Engine, *, foreign_keys: bool = True) -> None:
     """Make ``engine`` (the sync engine, or an async engine's ``sync_engine``) use SQLite the
     way taskbound needs: WAL journal, a busy timeout, foreign keys on, and real transactions.
@@ -330,13 +334,13 @@ class SqlStorage:
         if was != state.value:
             log.append(codec.agent_entry(spiffe_id, state, now, cause, reason))
         if state is not AgentState.ACTIVE:
-            log += await self._revoke_tasks(
-                conn,
-                t.tasks.c.agent_id == spiffe_id,
-                reason or codec.agent_state_reason(state),
-                now,
-                cause,
-            )
+            why = reason or codec.agent_state_reason(state)
+            log += await self._revoke_tasks(conn, t.tasks.c.agent_id == spiffe_id, why, now, cause)
+            # Credentials delegated to the agent within other agents' tasks, and theirs.
+            c = t.credentials.c
+            held = (c.agent_id == spiffe_id) & (c.expires_at > now)
+            revoked = await self._revoke_tree(conn, held, why, now)
+            log += [codec.credential_entry(r, now, cause, why) for r in revoked]
         await self._log(conn, log)
         return row
 
@@ -379,6 +383,38 @@ class SqlStorage:
         async with self._transaction(write=True) as conn:
             row = await self._change_agent(conn, spiffe_id, changes, state, cause, reason)
         return None if row is None else codec.agent_from(row)
+
+    async def change_agent_state(
+        self,
+        spiffe_id: str,
+        state: AgentState,
+        now: datetime,
+        *,
+        cause: str = "system",
+        reason: str | None = None,
+    ) -> tuple[Agent, bool] | None:
+        codec.check_text(cause=cause, reason=reason)
+        now = codec.utc(now)
+        state = AgentState(state)
+        if codec.has_nul(spiffe_id):
+            return None
+        async with self._transaction(write=True) as conn:
+            was = await conn.scalar(
+                select(t.agents.c.state).where(t.agents.c.spiffe_id == spiffe_id).with_for_update()
+            )
+            if was is None:
+                return None
+            if was == state.value:
+                row = (
+                    (await conn.execute(select(t.agents).where(t.agents.c.spiffe_id == spiffe_id)))
+                    .mappings()
+                    .first()
+                )
+                assert row is not None
+                return codec.agent_from(row), False
+            changes = {"state": state.value, "updated_at": now}
+            row = await self._change_agent(conn, spiffe_id, changes, state, cause, reason)
+        return codec.agent_from(row), True
 
     async def create_tool(self, tool: Tool, secret_ciphertext: bytes | None) -> None:
         row = codec.tool_row(tool)
@@ -645,6 +681,54 @@ class SqlStorage:
             result = await conn.execute(statement)
             changed = result.rowcount
         return changed == 1
+
+    async def add_derived_credential(
+        self, credential: CredentialRecord, now: datetime, *, single_use: bool
+    ) -> bool:
+        parent = credential.parent_jti
+        if parent is None:
+            raise ValueError("a derived credential needs a parent_jti")
+        row = codec.credential_row(credential)
+        now = codec.utc(now)
+        if codec.has_nul(parent):
+            return False
+        c = t.credentials.c
+        # Re-checked on the locked row by PostgreSQL after any wait, so of two concurrent
+        # single-use exchanges exactly one counts; a concurrent revocation of the parent
+        # either waits for this transaction (and then sees the child) or wins (and then
+        # this finds the parent revoked).
+        count = (
+            update(t.credentials)
+            .where(c.jti == parent, c.revoked_at.is_(None), c.expires_at > now)
+            .values(exchange_count=c.exchange_count + 1)
+            .returning(c.jti)
+        )
+        if single_use:
+            count = count.where(c.exchange_count == 0)
+        from_live_task = (
+            select(*(literal(row[col.name], col.type) for col in t.credentials.columns))
+            .select_from(t.tasks)
+            .where(
+                t.tasks.c.id == credential.task_id,
+                t.tasks.c.state == _ACTIVE,
+                t.tasks.c.expires_at > now,
+            )
+            .with_for_update(read=True)
+        )
+        insert = (
+            t.credentials.insert()
+            .from_select([col.name for col in t.credentials.columns], from_live_task)
+            .execution_options(preserve_rowcount=True)
+        )
+        try:
+            async with self._transaction(write=True) as conn:
+                if (await conn.execute(count)).first() is None:
+                    return False
+                if (await conn.execute(insert)).rowcount != 1:
+                    raise _Abandon
+        except _Abandon:
+            return False
+        return True
 
     async def get_credential(self, jti: str) -> CredentialRecord | None:
         if codec.has_nul(jti):
