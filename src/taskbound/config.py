@@ -177,6 +177,9 @@ class GatewayConfig(_Section):
     nonce_lifetime_seconds: int = Field(300, ge=10, le=3600)
     # MCP methods passed through besides tools/call and tools/list (which are decided).
     mcp_pass_methods: tuple[str, ...] = ("initialize", "ping", "notifications/*")
+    # Lifetime of the Txn-Token (draft-ietf-oauth-transaction-tokens) sent with every
+    # forwarded call, and of the one presented in an upstream token exchange.
+    txn_token_ttl_seconds: int = Field(60, ge=10, le=600)
 
 
 class RevocationConfig(_Section):
@@ -330,6 +333,15 @@ class SignalsConfig(_Section):
         return self
 
 
+class DelegationConfig(_Section):
+    """Token exchange (RFC 8693) to sub-agents: chains that only narrow."""
+
+    # The deepest chain: orchestrator -> sub-agent is depth 1.
+    max_depth: int = Field(3, ge=1, le=8)
+    # A credential may be exchanged only once (a second exchange is refused).
+    single_use: bool = False
+
+
 class PolicyConfig(_Section):
     # A directory of *.cedar files; the default pack shipped with taskbound when absent.
     dir: Path | None = None
@@ -355,6 +367,7 @@ class Settings(_Section):
     policy: PolicyConfig = PolicyConfig()
     gateway: GatewayConfig = GatewayConfig()
     revocation: RevocationConfig = RevocationConfig()
+    delegation: DelegationConfig = DelegationConfig()
     signals: SignalsConfig = SignalsConfig()
     logging: LoggingConfig = LoggingConfig()
 

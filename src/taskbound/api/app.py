@@ -36,14 +36,17 @@ from taskbound.api.http import (
     oauth_error,
     problem,
     read_form,
+    read_form_lists,
     read_json,
 )
 from taskbound.config import Settings
 from taskbound.core.clock import to_epoch
+from taskbound.core.exchange import ACCESS_TOKEN_TYPE, GRANT_TYPE, ExchangeRefused, Narrowing
 from taskbound.core.grant import ScopeRequest
 from taskbound.core.identity import mint_jwt_svid, parse_spiffe_id
 from taskbound.core.model import (
     AgentState,
+    AuditEvent,
     CredentialRecord,
     KeyPurpose,
     Revocation,
@@ -60,10 +63,17 @@ from taskbound.errors import (
     NotFound,
     StorageError,
     TaskboundError,
+    UnsupportedGrantType,
 )
 from taskbound.gateway.app import Gateway, gateway_routes
 from taskbound.service.admin import authenticate_admin
-from taskbound.service.broker import AgentCaller, IssuedCredential, StartTaskRequest, new_id
+from taskbound.service.broker import (
+    AgentCaller,
+    ExchangeRequest,
+    IssuedCredential,
+    StartTaskRequest,
+    new_id,
+)
 from taskbound.service.registry import (
     AgentSpec,
     OwnerSpec,
@@ -109,6 +119,8 @@ class StartTaskBody(_Body):
     on_behalf_of: str = Field(min_length=1, max_length=64)
     scopes: list[ScopeBody] = Field(min_length=1, max_length=32)
     ttl_seconds: int = Field(ge=10)
+    # RFC 8693 §4.4: the one agent (SPIFFE ID) the task's credentials may be delegated to.
+    may_act: str | None = Field(None, max_length=2048)
 
 
 class CredentialBody(_Body):
@@ -149,6 +161,7 @@ def task_view(task: Task, now: Any) -> dict[str, Any]:
         "expires_at": task.expires_at.isoformat(),
         "ended_at": task.ended_at.isoformat() if task.ended_at else None,
         "end_reason": task.end_reason,
+        "may_act": task.may_act,
         "granted": [
             {"tool": g.tool, "tier": g.tier.value, "actions": list(g.actions)} for g in task.granted
         ],
@@ -386,7 +399,9 @@ def create_app(
                 "dpop_signing_alg_values_supported": list(settings.dpop.algorithms),
                 "authorization_details_types_supported": ["taskbound_tool"],
                 "scopes_supported": [],
-                "grant_types_supported": [],
+                "grant_types_supported": [GRANT_TYPE],
+                "token_endpoint": f"{base}/oauth/token",
+                "token_endpoint_auth_methods_supported": ["none"],
                 "response_types_supported": [],
                 "taskbound_task_endpoint": f"{base}/v1/tasks",
             }
@@ -396,6 +411,14 @@ def create_app(
     async def jwks(request: Request) -> Response:
         return JSONResponse(
             svc().keys.jwks(KeyPurpose.CREDENTIALS),
+            headers={"Cache-Control": "public, max-age=60"},
+        )
+
+    @route("/.well-known/txn-jwks.json", methods=["GET"])
+    async def txn_jwks(request: Request) -> Response:
+        """The keys of the Txn-Tokens the gateway sends to tools (docs/gateway.md)."""
+        return JSONResponse(
+            svc().keys.jwks(KeyPurpose.TRANSACTION),
             headers={"Cache-Control": "public, max-age=60"},
         )
 
@@ -461,6 +484,7 @@ def create_app(
                 on_behalf_of=body.on_behalf_of,
                 scopes=_scopes(body.scopes),
                 ttl_seconds=body.ttl_seconds,
+                may_act=_spiffe_or_none(body.may_act),
             ),
         )
         metrics.tasks_started.inc()
@@ -514,6 +538,75 @@ def create_app(
     cancel = route("/v1/tasks/{task_id}/cancel", methods=["POST"])(ender(TaskState.CANCELLED))
 
     # --- OAuth: RFC 7662 introspection, RFC 7009 revocation ------------------------------
+
+    @route("/oauth/token", methods=["POST"], oauth=True)
+    async def token(request: Request) -> Response:
+        """RFC 8693 token exchange: delegate a task credential to another agent, narrower,
+        bound to its key (docs/delegation.md). Every refusal is an RFC 6749 §5.2 error and
+        is audited, malformed requests included."""
+        started = time.perf_counter()
+        facts: dict[str, Any] = {}
+
+        async def audit(decision: str, code: str | None, **more: Any) -> None:
+            await svc().storage.append_audit(
+                AuditEvent(
+                    time=svc().clock.now(),
+                    event="token.exchange",
+                    decision=decision,
+                    code=code,
+                    latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                    **facts,
+                    **more,
+                )
+            )
+
+        try:
+            req = await _exchange_request(request)
+            out = await svc().broker.exchange(req, facts)
+        except ExchangeRefused as exc:
+            log.warning(
+                "token exchange refused",
+                extra={
+                    "event": "token.exchange_refused",
+                    "error": exc.error,
+                    "reason": exc.internal,
+                },
+            )
+            metrics.refusals.labels(exc.error).inc()
+            await audit("deny", exc.error, detail=exc.internal)
+            return JSONResponse(
+                {"error": exc.error, "error_description": exc.description},
+                status_code=400,
+                headers={"Cache-Control": "no-store"},
+            )
+        c = out.claims
+        facts["jti"] = c.jti
+        await audit(
+            "allow",
+            None,
+            policies=out.decided_by,
+            detail=f"delegated from {c.parents[0]} to {c.holder} (depth {c.depth})",
+        )
+        metrics.credentials_issued.inc()
+        return json_response(
+            {
+                "access_token": out.credential.access_token,
+                "issued_token_type": ACCESS_TOKEN_TYPE,
+                "token_type": "DPoP",
+                "expires_in": out.credential.expires_in,
+                "scope": c.scope,
+                "authorization_details": [
+                    {
+                        "type": "taskbound_tool",
+                        "tool": c.tool,
+                        "tier": c.tier.value,
+                        "actions": list(c.actions),
+                        "constraints": dict(c.constraints),
+                    }
+                ],
+            },
+            no_store=True,
+        )
 
     @route("/oauth/introspect", methods=["POST"], oauth=True)
     async def introspect(request: Request) -> Response:
@@ -832,9 +925,9 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
-        metadata, jwks, start_task, fresh_credential, get_task, complete, cancel,
+        metadata, jwks, txn_jwks, start_task, fresh_credential, get_task, complete, cancel,
         introspect, revoke, owners, owner, tools, tool, agents, agent, apply, list_tasks,
-        task_credentials, revoke_task, revoke_credential, agent_state, keys, rotate,
+        task_credentials, revoke_task, token, revoke_credential, agent_state, keys, rotate,
         withdraw_key, revocations, policy_status, policy_reload,
         mint_identity, healthz, readyz, metrics_endpoint,
     ]  # fmt: skip
@@ -898,6 +991,51 @@ def create_app(
         ],
         exception_handlers={404: not_found, 405: not_allowed},
     )
+
+
+async def _exchange_request(request: Request) -> ExchangeRequest:
+    """The RFC 8693 §2.1 request, or :class:`ExchangeRefused` (RFC 6749 §5.2 codes)."""
+    try:
+        form = await read_form_lists(request, repeatable=frozenset({"resource", "audience"}))
+    except TaskboundError as exc:
+        raise ExchangeRefused("invalid_request", exc.detail, exc.internal) from None
+
+    def one(name: str) -> str | None:
+        values = form.get(name)
+        return values[0] if values else None
+
+    grant_type = one("grant_type")
+    if not grant_type:
+        raise ExchangeRefused("invalid_request", "the grant_type parameter is required")
+    if grant_type != GRANT_TYPE:
+        raise ExchangeRefused("unsupported_grant_type", UnsupportedGrantType.default_detail)
+    subject_token = one("subject_token")
+    if not subject_token:
+        raise ExchangeRefused("invalid_request", "the subject_token parameter is required")
+    return ExchangeRequest(
+        subject_token=subject_token,
+        subject_token_type=one("subject_token_type"),
+        actor_token=one("actor_token"),
+        actor_token_type=one("actor_token_type"),
+        requested_token_type=one("requested_token_type"),
+        narrowing=Narrowing(
+            resources=tuple(form.get("resource", ())),
+            audiences=tuple(form.get("audience", ())),
+            scope=one("scope"),
+            authorization_details=one("authorization_details"),
+        ),
+        dpop_headers=request.headers.getlist("dpop"),
+        subject_dpop=one("subject_dpop"),
+    )
+
+
+def _spiffe_or_none(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(parse_spiffe_id(value))
+    except ValueError as exc:
+        raise InvalidRequest(f"may_act: {exc}") from None
 
 
 def _scopes(bodies: list[ScopeBody]) -> tuple[ScopeRequest, ...]:

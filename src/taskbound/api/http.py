@@ -54,6 +54,7 @@ _OAUTH_CODES = {
     "payload_too_large": "invalid_request",
     "unsupported_media_type": "invalid_request",
     "invalid_admin_token": "invalid_client",
+    "unsupported_grant_type": "unsupported_grant_type",
     "unauthenticated": "invalid_client",
 }
 
@@ -200,6 +201,14 @@ def validate(model: type[M], data: Any) -> M:
 async def read_form(request: Request, *, max_fields: int = 20) -> dict[str, str]:
     """An ``application/x-www-form-urlencoded`` body (RFC 6749 endpoints). A repeated
     parameter is an error (RFC 6749 §3.1)."""
+    return {k: v[0] for k, v in (await read_form_lists(request, max_fields=max_fields)).items()}
+
+
+async def read_form_lists(
+    request: Request, *, max_fields: int = 20, repeatable: frozenset[str] = frozenset()
+) -> dict[str, list[str]]:
+    """A form body whose ``repeatable`` parameters may appear several times (RFC 8693
+    ``resource`` and ``audience``); any other repeated parameter is an error."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
         raise UnsupportedMediaType("the body must be application/x-www-form-urlencoded")
@@ -210,11 +219,11 @@ async def read_form(request: Request, *, max_fields: int = 20) -> dict[str, str]
         )
     except (UnicodeDecodeError, ValueError):
         raise InvalidRequest("the form body is malformed") from None
-    out: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
     for key, value in pairs:
-        if key in out:
+        if key in out and key not in repeatable:
             raise InvalidRequest(f"parameter {key!r} is repeated")
-        out[key] = value
+        out.setdefault(key, []).append(value)
     return out
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
+import httpx
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,10 +37,19 @@ from taskbound.core.actions import (
     mcp_tool_action,
     parse_jsonrpc,
 )
-from taskbound.core.model import AuditEvent, Tool, ToolKind
+from taskbound.core.keys import PrivateKey
+from taskbound.core.model import (
+    AuditEvent,
+    KeyPurpose,
+    Revocation,
+    RevocationKind,
+    Tool,
+    ToolKind,
+)
 from taskbound.core.policy import Decision
 from taskbound.core.tokens import CredentialClaims
-from taskbound.errors import TaskboundError
+from taskbound.core.txn import TXN_TOKEN_HEADER, mint_txn_token
+from taskbound.errors import KeyUnavailable, TaskboundError
 from taskbound.gateway.checks import Admitted, Checks, Expiring, Refusal
 from taskbound.gateway.proxy import (
     Upstream,
@@ -46,6 +58,7 @@ from taskbound.gateway.proxy import (
     transform_sse_event,
     upstream_headers,
 )
+from taskbound.gateway.upstream_tokens import CredentialUnavailable, TokenKey, UpstreamTokens
 from taskbound.service.audit import AuditWriter
 from taskbound.service.events import Change, Event
 from taskbound.service.registry import RESERVED_TOOL_IDS
@@ -88,7 +101,8 @@ class CallRecord:
             event="gateway.call",
             decision=outcome,
             code=code,
-            agent=c.subject if c else None,
+            # The agent acting: a delegate for a delegated credential (its chain in detail).
+            agent=c.holder if c else None,
             owner=c.owner_id if c else None,
             task=c.task_id if c else None,
             intent=c.purpose if c else None,
@@ -101,8 +115,17 @@ class CallRecord:
             policy_version=self.decision.policy_version if self.decision else None,
             latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
             upstream_status=upstream,
-            detail=detail,
+            detail=_with_chain(detail, c),
+            txn=(c.txn or c.task_id) if c else None,
         )
+
+
+def _with_chain(detail: str | None, claims: CredentialClaims | None) -> str | None:
+    """A delegated call's audit detail names the chain: task agent, then each delegate."""
+    if claims is None or not claims.actors:
+        return detail
+    chain = " -> ".join((claims.subject, *reversed(claims.actors)))
+    return f"delegated: {chain}" + (f"; {detail}" if detail else "")
 
 
 class Gateway:
@@ -133,12 +156,43 @@ class Gateway:
         self._tools = Expiring(10_000)
         self._routers: dict[str, tuple[Tool, HttpRouter]] = {}
         self._secrets: dict[str, str | None] = {}
+        # Per-task tokens from the upstream authorization servers of tools that use an
+        # upstream exchange (bounded; forgotten when the task loses standing).
+        self.upstream_tokens = UpstreamTokens(
+            services.http,
+            services.clock,
+            timeout=httpx.Timeout(
+                min(10.0, gw.upstream_timeout_seconds), connect=gw.connect_timeout_seconds
+            ),
+        )
         services.events.subscribe(self._on_event)
+        services.revocations.listeners.append(self._on_revocations)
 
     def _on_event(self, event: Event) -> None:
         if event.change is Change.TOOL_CHANGED:
             self._tools.discard(event.key)
             self._secrets.pop(event.key, None)
+            self.upstream_tokens.evict(tool=event.key)
+        elif event.change is Change.TASK_ENDED:
+            self.upstream_tokens.evict(task=event.key)
+        elif event.change is Change.AGENT_CHANGED:
+            self.upstream_tokens.evict(agent=event.key)
+        elif event.change is Change.OWNER_CHANGED:
+            self.upstream_tokens.evict(owner=event.key)
+        # CREDENTIAL_REVOKED names only a jti: its revocation log entry (below) names the task.
+
+    def _on_revocations(self, entries: list[Revocation]) -> None:
+        """The revocation log, from this process or another: a task, agent or owner that
+        loses standing loses its upstream tokens too."""
+        for entry in entries:
+            if entry.kind is RevocationKind.TASK:
+                self.upstream_tokens.evict(task=entry.subject)
+            elif entry.kind is RevocationKind.CREDENTIAL and entry.task_id is not None:
+                self.upstream_tokens.evict(task=entry.task_id)
+            elif entry.kind is RevocationKind.AGENT:
+                self.upstream_tokens.evict(agent=entry.subject)
+            elif entry.kind is RevocationKind.OWNER:
+                self.upstream_tokens.evict(owner=entry.subject)
 
     async def close(self) -> None:
         await self.upstream.close()
@@ -163,6 +217,101 @@ class Gateway:
         if tool.id not in self._secrets:
             self._secrets[tool.id] = await self.s.registry.upstream_secret(tool.id)
         return self._secrets[tool.id]
+
+    # --- transaction tokens and upstream credentials -----------------------------------
+
+    async def _txn_signer(self) -> PrivateKey:
+        try:
+            return self.s.keys.signer(KeyPurpose.TRANSACTION)
+        except KeyUnavailable:
+            # A gateway started without it (gateway.enabled off in a gateway-only process):
+            # make or load the key now, once; the database settles races between replicas.
+            await self.s.keys.ensure((KeyPurpose.TRANSACTION,))
+            return self.s.keys.signer(KeyPurpose.TRANSACTION)
+
+    def _transaction_context(
+        self, request: Request, tool: Tool, records: list[CallRecord]
+    ) -> tuple[CredentialClaims, dict[str, Any], dict[str, Any]]:
+        """The claims of the call's credential and the Txn-Token's ``tctx`` (what the task
+        is and what this call does) and ``rctx`` (where the request came from)."""
+        claims = records[0].claims
+        assert claims is not None
+        tctx: dict[str, Any] = {
+            "task": claims.task_id,
+            "owner": claims.owner_id,
+            "intent": claims.purpose,
+            "tool": tool.id,
+            "tier": claims.tier.value,
+            "actors": list(claims.actors),
+        }
+        calls = [
+            {
+                k: v
+                for k, v in (("action", r.action), ("argument_digest", r.digest))
+                if v is not None
+            }
+            for r in records
+        ]
+        if len(calls) == 1:
+            tctx.update(calls[0])
+        else:
+            tctx["calls"] = calls  # an MCP batch: one entry per forwarded message
+        rctx: dict[str, Any] = {"authn": "dpop", "req_wl": self.s.settings.issuer}
+        if request.client is not None and request.client.host:
+            rctx["req_ip"] = request.client.host
+        return claims, tctx, rctx
+
+    def _txn_token(
+        self,
+        claims: CredentialClaims,
+        audience: str,
+        tctx: dict[str, Any],
+        rctx: dict[str, Any],
+        key: PrivateKey,
+    ) -> str:
+        settings = self.s.settings
+        return mint_txn_token(
+            issuer=settings.issuer,
+            audience=audience,
+            txn=claims.txn or claims.task_id,
+            subject=claims.subject,
+            scope=claims.scope,
+            tctx=tctx,
+            rctx=rctx,
+            now=self.s.clock.now(),
+            ttl=timedelta(seconds=settings.gateway.txn_token_ttl_seconds),
+            key=key,
+            requesting_workload=settings.issuer,
+            jti=secrets.token_urlsafe(16),
+        )
+
+    async def _exchanged_token(
+        self,
+        tool: Tool,
+        claims: CredentialClaims,
+        tctx: dict[str, Any],
+        rctx: dict[str, Any],
+        key: PrivateKey,
+    ) -> str:
+        """The task's token for the tool, from the upstream's authorization server (RFC
+        8693), with a Txn-Token for the exchange's audience as the subject token."""
+        exchange = tool.upstream_exchange
+        assert exchange is not None
+        try:
+            return await self.upstream_tokens.get(
+                TokenKey(tool.id, exchange, claims.task_id, claims.holder, claims.tier.value),
+                agent=claims.subject,
+                owner=claims.owner_id,
+                subject_token=lambda: self._txn_token(claims, exchange.audience, tctx, rctx, key),
+                client_secret=lambda: self.s.registry.upstream_client_secret(tool),
+            )
+        except CredentialUnavailable as exc:
+            raise Refusal(
+                "upstream_credential_unavailable",
+                502,
+                "the tool's credential for this task could not be obtained",
+                internal=f"upstream token exchange at {exchange.token_endpoint}: {exc.reason}",
+            ) from None
 
     # --- audit -------------------------------------------------------------------------
 
@@ -310,21 +459,38 @@ class Gateway:
         url = tool.upstream_url.rstrip("/") + rest
         if request.url.query:
             url += "?" + request.url.query
-        secret = await self.secret(tool)
+        claims, tctx, rctx = self._transaction_context(request, tool, records)
+        key = await self._txn_signer()
+        txn_token = self._txn_token(claims, tool.audience, tctx, rctx, key)
+        secret: str | None
+        hidden: str | None  # what no answer header may carry back to the agent
+        if tool.upstream_exchange is not None:
+            # Never the static secret: the task's own token, or no call at all.
+            hidden = await self._exchanged_token(tool, claims, tctx, rctx, key)
+            secret = f"Bearer {hidden}"
+        else:
+            secret = hidden = await self.secret(tool)
         headers = upstream_headers(
             request.headers.items(),
             tool.upstream_auth_header,
             secret,
-            # A response we must read and rewrite is asked for uncompressed.
-            drop=("accept-encoding",) if transform is not None else (),
+            # The agent's own Txn-Token is never passed on, only the gateway's; a response
+            # we must read and rewrite is asked for uncompressed.
+            drop=("txn-token", "accept-encoding") if transform is not None else ("txn-token",),
         )
+        headers.append((TXN_TOKEN_HEADER, txn_token))
         response = await self.upstream.send(request.method, url, headers, body)
-        out_headers = downstream_headers(
-            response.headers,
-            drop_length=transform is not None,
-            secret=secret,
-            location=self._location(tool, str(response.url), response.headers),
-        )
+        out_headers = [
+            (k, v)
+            for k, v in downstream_headers(
+                response.headers,
+                drop_length=transform is not None,
+                secret=hidden,
+                location=self._location(tool, str(response.url), response.headers),
+            )
+            # Nor does the agent ever get a Txn-Token the tool echoes back.
+            if txn_token not in v
+        ]
         content: bytes | None = None
         if transform is not None:
             try:

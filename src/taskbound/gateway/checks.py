@@ -21,7 +21,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -107,8 +107,11 @@ class Live:
 
     record: CredentialRecord
     task: Task
-    agent: Agent
+    agent: Agent  # the task's agent
     owner: Owner
+    holder: Agent  # the agent acting: the task's, or the last delegate of a chain
+    holder_owner: Owner  # its owner
+    chain: tuple[Agent, ...] = ()  # every agent of a delegation chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,16 +343,45 @@ class Checks:
             inputs = await self._storage.load_grant_inputs(claims.subject, claims.owner_id, [])
             if record is None or task is None or inputs.agent is None or inputs.owner is None:
                 raise invalid_token("credential, task, agent or owner unknown")
-            live = Live(record, task, inputs.agent, inputs.owner)
+            holder, holder_owner = inputs.agent, inputs.owner
+            chain = [inputs.agent]
+            for actor in claims.actors:
+                agent = await self._storage.get_agent(actor)
+                if agent is None:
+                    raise invalid_token(f"delegate {actor} unknown")
+                if agent.state is not AgentState.ACTIVE:
+                    raise invalid_token(f"delegate {actor} is {agent.state.value}")
+                chain.append(agent)
+            if claims.actors:
+                holder = chain[1]
+                found_owner = await self._storage.get_owner(holder.owner_id)
+                if found_owner is None or found_owner.disabled:
+                    raise invalid_token(f"the owner of delegate {holder.spiffe_id} is disabled")
+                holder_owner = found_owner
+            for ancestor in claims.parents:
+                found = await self._storage.get_credential(ancestor)
+                if found is None or not found.live_at(now):
+                    raise invalid_token(f"credential {ancestor} it was delegated from is not live")
+            live = Live(
+                record, task, inputs.agent, inputs.owner, holder, holder_owner, tuple(chain)
+            )
             self._live.put(claims.jti, live, time.monotonic() + self._live_ttl)
         if live.record.revoked_at is not None:
             raise invalid_token(f"credential revoked: {live.record.revoke_reason}")
         if not live.record.live_at(now):
             raise invalid_token("credential expired")
-        if (live.record.task_id, live.record.tool, live.record.tier) != (
+        if (
+            live.record.task_id,
+            live.record.tool,
+            live.record.tier,
+            live.record.agent_id,
+            live.record.parent_jti,
+        ) != (
             claims.task_id,
             claims.tool,
             claims.tier,
+            claims.holder,
+            claims.parents[0] if claims.parents else None,
         ):
             raise invalid_token("credential record does not match the token")
         if live.task.state_at(now) is not TaskState.ACTIVE:
@@ -360,7 +392,7 @@ class Checks:
             raise invalid_token("owner is disabled")
         return live
 
-    async def revocations(self, live: Live) -> None:
+    async def revocations(self, claims: CredentialClaims, live: Live) -> None:
         """The revocation state, fed by the log: fail closed when the feed is stale."""
         if self._behind:
             self._behind = False
@@ -378,7 +410,15 @@ class Checks:
             self.fresh_feed()
         record = live.record
         why = self._feed.state.refusal(
-            Standing(record.jti, record.task_id, live.agent.spiffe_id, live.owner.id, record.kid)
+            Standing(
+                record.jti,
+                record.task_id,
+                live.agent.spiffe_id,
+                live.owner.id,
+                record.kid,
+                parents=claims.parents,
+                actors=claims.actors,
+            )
         )
         if why is not None:
             raise invalid_token(why)
@@ -421,16 +461,27 @@ class Checks:
         target: str | None,
     ) -> Decision:
         live = admitted.live
+        claims = admitted.claims
         rate = self._rate.hit(live.task.id, time.monotonic())
         situation = Situation(
             now=self._clock.now(),
             environment=self._settings.policy.environment,
             call_rate=rate,
+            delegation_depth=claims.depth,
         )
+        task, variant = live.task, None
+        if claims.actors:
+            # A delegated credential acts for its delegate, within its own (narrowed)
+            # constraints; the decision sees exactly that.
+            task = replace(live.task, constraints=dict(claims.constraints))
+            variant = claims.jti
         decision = self._policy.decide_call(
-            agent=live.agent,
+            agent=live.holder,
             owner=live.owner,
-            task=live.task,
+            task=task,
+            variant=variant,
+            others=live.chain if claims.actors else (),
+            other_owners=(live.holder_owner,) if claims.actors else (),
             tool=tool,
             action_name=action.name,
             arguments=dict(arguments),
@@ -478,5 +529,5 @@ class Checks:
         self.fresh_feed()
         await self.proof(dpop_headers, method, url, token, claims)
         live = await self.liveness(claims)
-        await self.revocations(live)
+        await self.revocations(claims, live)
         return Admitted(token, claims, live)

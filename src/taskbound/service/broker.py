@@ -17,6 +17,13 @@ from typing import Any
 from taskbound.config import Settings
 from taskbound.core.clock import Clock, to_epoch
 from taskbound.core.dpop import DPoPProof, verify_dpop_proof
+from taskbound.core.exchange import (
+    ACCESS_TOKEN_TYPE,
+    ACTOR_TOKEN_TYPES,
+    ExchangeRefused,
+    Narrowing,
+    narrow,
+)
 from taskbound.core.grant import GrantDecider, GrantRequest, ScopeRequest
 from taskbound.core.identity import WorkloadIdentity
 from taskbound.core.model import (
@@ -32,6 +39,7 @@ from taskbound.core.tokens import CredentialClaims, mint_credential, verify_cred
 from taskbound.errors import (
     AgentNotActive,
     Forbidden,
+    IdentityProviderUnavailable,
     InvalidDPoPProof,
     InvalidRequest,
     InvalidToken,
@@ -52,6 +60,7 @@ log = logging.getLogger("taskbound.broker")
 
 # The length verify_credential accepts by default: every issued credential must verify.
 MAX_CREDENTIAL_LENGTH = 8192
+TOKEN_PATH = "/oauth/token"  # noqa: S105 - a path, not a secret
 
 _REFUSAL_ERRORS: Mapping[str, type[TaskboundError]] = {
     "agent_not_active": AgentNotActive,
@@ -71,6 +80,7 @@ class StartTaskRequest:
     on_behalf_of: str
     scopes: tuple[ScopeRequest, ...]
     ttl_seconds: int
+    may_act: str | None = None  # the one agent the task's credentials may be delegated to
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,27 @@ class IssuedCredential:
 class TaskStarted:
     task: Task
     credentials: tuple[IssuedCredential, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRequest:
+    """An RFC 8693 §2.1 token exchange request, as received."""
+
+    subject_token: str
+    subject_token_type: str | None
+    actor_token: str | None
+    actor_token_type: str | None
+    requested_token_type: str | None
+    narrowing: Narrowing
+    dpop_headers: Sequence[str]
+    subject_dpop: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    credential: IssuedCredential
+    claims: CredentialClaims
+    decided_by: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +244,7 @@ class Broker:
             jkt=caller.proof.jkt,
             created_at=now,
             expires_at=now + timedelta(seconds=req.ttl_seconds),
+            may_act=req.may_act,
         )
         issued = tuple(
             self._mint(task, grant, now, tools[grant.tool].audience) for grant in task.granted
@@ -256,6 +288,9 @@ class Broker:
             tier=grant.tier,
             actions=grant.actions,
             jkt=task.jkt,
+            # The task is the transaction: every credential and call of its chain shares it.
+            txn=task.id,
+            may_act=task.may_act,
         )
         token = mint_credential(claims, signer)
         if len(token) > MAX_CREDENTIAL_LENGTH:
@@ -396,6 +431,236 @@ class Broker:
     async def credentials_of(self, task_id: str) -> list[CredentialRecord]:
         return await self._storage.list_credentials(task_id)
 
+    # --- RFC 8693 token exchange: delegation ------------------------------------------
+
+    async def exchange(self, req: ExchangeRequest, facts: dict[str, Any]) -> Exchanged:
+        """Delegate a task credential to another agent (DESIGN.md §3 flow 6).
+
+        The request is made by the delegate: ``actor_token`` is its workload identity, the
+        ``DPoP`` header proves the key the new credential is bound to, and
+        ``subject_dpop`` is a proof, made by the parent with the subject token's key for
+        this endpoint and this token (``ath``), that the holder of the subject consents.
+        The child is a strict attenuation of the parent, decided by Cedar for the
+        delegate with the chain depth in context, recorded as the parent's child.
+        Every refusal is :class:`ExchangeRefused` with the RFC error; nothing is stored.
+        ``facts`` is filled with what was verified so far (for the audit of a refusal)."""
+        now = self._clock.now()
+        url = self._settings.public_url + TOKEN_PATH
+        cfg = self._settings.delegation
+        if req.subject_token_type != ACCESS_TOKEN_TYPE:
+            raise ExchangeRefused("invalid_request", "subject_token_type must be access_token")
+        if req.requested_token_type not in (None, ACCESS_TOKEN_TYPE):
+            raise ExchangeRefused("invalid_request", "only access tokens can be requested")
+        if not req.actor_token or req.actor_token_type not in ACTOR_TOKEN_TYPES:
+            raise ExchangeRefused(
+                "invalid_request", "an actor_token (jwt or id_token) identifying the delegate"
+            )
+        # 1. the subject: one of our credentials, with its holder's consent
+        try:
+            parent = await self._verify_own(req.subject_token)
+        except InvalidToken as exc:
+            raise ExchangeRefused(
+                "invalid_request", "the subject_token is not a valid credential", exc.internal
+            ) from None
+        facts.update(
+            owner=parent.owner_id,
+            task=parent.task_id,
+            intent=parent.purpose,
+            jti=parent.jti,
+            tool=parent.tool,
+            tier=parent.tier.value,
+            txn=parent.txn or parent.task_id,
+        )
+        try:
+            consent = verify_dpop_proof(
+                req.subject_dpop or "",
+                method="POST",
+                url=url,
+                now=now,
+                algorithms=self._settings.dpop.algorithms,
+                iat_window=self._iat_window,
+                access_token=req.subject_token,
+                expected_jkt=parent.jkt,
+            )
+        except InvalidDPoPProof as exc:
+            raise ExchangeRefused(
+                "invalid_request",
+                "the subject_token is DPoP-bound: subject_dpop must prove its key",
+                exc.internal,
+            ) from None
+        # 2. the delegate: its identity and the key its credential will be bound to
+        try:
+            actor = await self._identity.verify(req.actor_token)
+        except IdentityProviderUnavailable:
+            raise
+        except TaskboundError as exc:
+            raise ExchangeRefused(
+                "invalid_request", "the actor_token is not a valid identity", exc.internal
+            ) from None
+        if len(req.dpop_headers) != 1:
+            raise ExchangeRefused("invalid_dpop_proof", "exactly one DPoP proof is required")
+        try:
+            proof = verify_dpop_proof(
+                req.dpop_headers[0],
+                method="POST",
+                url=url,
+                now=now,
+                algorithms=self._settings.dpop.algorithms,
+                iat_window=self._iat_window,
+            )
+        except InvalidDPoPProof as exc:
+            raise ExchangeRefused(
+                "invalid_dpop_proof", "the DPoP proof is not valid", exc.internal
+            ) from None
+        facts["agent"] = actor.spiffe_id
+        delegate = await self._storage.get_agent(actor.spiffe_id)
+        if delegate is None or delegate.state is not AgentState.ACTIVE:
+            raise ExchangeRefused(
+                "invalid_request",
+                "the actor is not an active agent",
+                f"actor {actor.spiffe_id} is {'unknown' if delegate is None else delegate.state}",
+            )
+        # 3. the chain: every credential and agent in it still live
+        record = await self._storage.get_credential(parent.jti)
+        task = await self._storage.get_task(parent.task_id)
+        inputs = await self._storage.load_grant_inputs(
+            parent.subject, parent.owner_id, [parent.tool]
+        )
+        tool = inputs.tools.get(parent.tool)
+        if (
+            record is None
+            or not record.live_at(now)
+            or record.agent_id != parent.holder
+            or task is None
+            or task.state_at(now) is not TaskState.ACTIVE
+            or inputs.agent is None
+            or inputs.agent.state is not AgentState.ACTIVE
+            or inputs.owner is None
+            or inputs.owner.disabled
+            or tool is None
+            or tool.audience != parent.audience
+        ):
+            raise ExchangeRefused(
+                "invalid_request", "the subject_token is not active", "subject not live"
+            )
+        for ancestor in parent.parents:
+            found = await self._storage.get_credential(ancestor)
+            if found is None or not found.live_at(now):
+                raise ExchangeRefused(
+                    "invalid_request", "the subject_token is not active", f"{ancestor} not live"
+                )
+        chain = [inputs.agent]
+        for acting in parent.actors:
+            agent = await self._storage.get_agent(acting)
+            if agent is None or agent.state is not AgentState.ACTIVE:
+                raise ExchangeRefused(
+                    "invalid_request", "the subject_token is not active", f"{acting} not active"
+                )
+            chain.append(agent)
+        delegate_owner = await self._storage.get_owner(delegate.owner_id)
+        if delegate_owner is None or delegate_owner.disabled:
+            raise ExchangeRefused(
+                "invalid_request", "the actor's owner is disabled", f"owner {delegate.owner_id}"
+            )
+        # 4. narrow, then let policy decide for the delegate
+        child = narrow(parent, req.narrowing, actor=actor.spiffe_id, max_depth=cfg.max_depth)
+        decision = self._decider.decide(
+            GrantRequest(
+                agent=delegate,
+                owner=inputs.owner,
+                owner_id=parent.owner_id,
+                purpose=parent.purpose,
+                constraints=child.constraints,
+                scopes=(ScopeRequest(parent.tool, parent.tier, child.actions),),
+                ttl=max(parent.expires_at - now, timedelta(seconds=1)),
+                tools=inputs.tools,
+                now=now,
+                delegation_depth=child.depth,
+                others=tuple(chain),
+                other_owners=(delegate_owner,),
+            )
+        )
+        if decision.refusal is not None or not decision.granted:
+            why = (
+                decision.refusal.reason
+                if decision.refusal is not None
+                else "; ".join(d.reason for d in decision.denied)
+            )
+            raise ExchangeRefused("invalid_scope", "policy does not allow this delegation", why)
+        (grant,) = decision.granted
+        actions = tuple(a for a in child.actions if a in set(grant.actions))
+        if not actions or grant.tool != parent.tool or grant.tier is not parent.tier:
+            raise ExchangeRefused("invalid_scope", "policy does not allow this delegation")
+        # 5. mint, bound to the delegate's key, and record it under its parent
+        if await self._replay.seen(
+            f"dpop:{consent.jkt}:{consent.jti}",
+            consent.issued_at + self._iat_window + self._leeway,
+            now,
+        ) or await self._replay.seen(
+            f"dpop:{proof.jkt}:{proof.jti}", proof.issued_at + self._iat_window + self._leeway, now
+        ):
+            raise ExchangeRefused("invalid_dpop_proof", "a DPoP proof was used before")
+        signer = self._keys.signer(KeyPurpose.CREDENTIALS)
+        expires = min(parent.expires_at, now + self._cred_cap)
+        claims = CredentialClaims(
+            issuer=self._settings.issuer,
+            subject=parent.subject,
+            audience=parent.audience,
+            client_id=actor.spiffe_id,
+            jti=self._ids("cred"),
+            issued_at=now,
+            not_before=now,
+            expires_at=expires,
+            task_id=parent.task_id,
+            owner_id=parent.owner_id,
+            purpose=parent.purpose,
+            constraints=child.constraints,
+            tool=parent.tool,
+            tier=parent.tier,
+            actions=actions,
+            jkt=proof.jkt,
+            txn=parent.txn or parent.task_id,
+            actors=(actor.spiffe_id, *parent.actors),
+            parents=(parent.jti, *parent.parents),
+        )
+        token = mint_credential(claims, signer)
+        if len(token) > MAX_CREDENTIAL_LENGTH:
+            raise ExchangeRefused("invalid_request", "the delegated credential would be too large")
+        child_record = CredentialRecord(
+            jti=claims.jti,
+            task_id=parent.task_id,
+            agent_id=actor.spiffe_id,
+            tool=parent.tool,
+            tier=parent.tier,
+            actions=actions,
+            jkt=proof.jkt,
+            kid=signer.kid,
+            issued_at=now,
+            expires_at=expires,
+            parent_jti=parent.jti,
+        )
+        if not await self._storage.add_derived_credential(
+            child_record, now, single_use=cfg.single_use
+        ):
+            raise ExchangeRefused(
+                "invalid_grant" if cfg.single_use and record.live_at(now) else "invalid_request",
+                "the subject_token was already exchanged or is no longer active",
+            )
+        log.info(
+            "credential delegated",
+            extra={
+                "event": "credential.exchanged",
+                "task_id": parent.task_id,
+                "parent": parent.jti,
+                "jti": claims.jti,
+                "actor": actor.spiffe_id,
+                "depth": child.depth,
+                "actions": list(actions),
+            },
+        )
+        issued = IssuedCredential(token, child_record, max(0, to_epoch(expires) - to_epoch(now)))
+        return Exchanged(issued, claims, tuple(decision.determined_by))
+
     # --- RFC 7662 / RFC 7009 -----------------------------------------------------------
 
     async def _verify_own(self, token: str) -> CredentialClaims:
@@ -448,7 +713,7 @@ class Broker:
             or inputs.owner.disabled
         ):
             return inactive
-        return {
+        out: dict[str, Any] = {
             "active": True,
             "iss": claims.issuer,
             "sub": claims.subject,
@@ -474,6 +739,15 @@ class Broker:
                 }
             ],
         }
+        if claims.txn is not None:
+            out["txn"] = claims.txn
+        if claims.actors:
+            # RFC 8693 §4.1: the current actor outermost, earlier ones nested.
+            act: dict[str, Any] | None = None
+            for actor in reversed(claims.actors):
+                act = {"sub": actor} if act is None else {"sub": actor, "act": act}
+            out["act"] = act
+        return out
 
     async def revoke_token(self, token: str, reason: str) -> bool:
         """RFC 7009 §2.1: revoke a credential presented by anyone holding it. Unknown or

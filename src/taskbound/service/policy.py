@@ -277,10 +277,16 @@ class PolicyEngine:
         arguments: dict[str, Any] | None,
         target: str | None,
         situation: Situation,
+        variant: str | None = None,
+        others: tuple[Agent, ...] = (),
+        other_owners: tuple[Owner, ...] = (),
     ) -> Decision:
         """The call decision for the gateway: may this task's credential perform this
         action, with these arguments, on this resource, now? Anything that cannot be
-        decided is a deny with the reason."""
+        decided is a deny with the reason. ``variant`` names a view of the task that
+        differs from the stored one (a delegated credential's narrowed constraints), so
+        that its entities are cached apart; ``others`` and ``other_owners`` are the further
+        agents and owners its entities need (the task's agent and the delegate's owner)."""
         state = self.state
         compiled = state.compiled
         info = action_info(compiled, tool.id, action_name)
@@ -299,10 +305,15 @@ class PolicyEngine:
             owner.id,
             owner.disabled,
             owner.updated_at,
+            variant,
+            tuple((a.spiffe_id, a.state, a.updated_at) for a in others),
+            tuple((o.id, o.disabled, o.updated_at) for o in other_owners),
         )
         entities = self._cache.get(key)
         if entities is None:
-            entities = state.base.with_entities(decision_entities(agent, [owner], facts))
+            entities = state.base.with_entities(
+                decision_entities(agent, [owner, *other_owners], facts, others)
+            )
             self._cache.put(key, entities)
         try:
             context = build_context(
@@ -340,10 +351,15 @@ class CedarGrantDecider:
             request.constraints,
             "active",
         )
+        owners = [request.owner, *request.other_owners]
         entities = state.base.with_entities(
-            decision_entities(request.agent, [request.owner], facts)
+            decision_entities(request.agent, owners, facts, request.others)
         )
-        situation = Situation(now=request.now, environment=self._environment)
+        situation = Situation(
+            now=request.now,
+            environment=self._environment,
+            delegation_depth=request.delegation_depth,
+        )
         granted: list[ScopeGrant] = []
         refused: list[ScopeDenial] = list(first.denied)
         determining: set[str] = set()

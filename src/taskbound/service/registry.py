@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from taskbound.config import check_signal_url
 from taskbound.core.actions import HttpRouter
 from taskbound.core.clock import Clock
 from taskbound.core.identity import parse_spiffe_id
@@ -33,6 +34,7 @@ from taskbound.core.model import (
     Tier,
     Tool,
     ToolKind,
+    UpstreamExchange,
 )
 from taskbound.core.secretbox import SecretBox
 from taskbound.errors import ConfigError, Conflict, InvalidRequest, NotFound, ReferenceError_
@@ -51,6 +53,12 @@ _PATH_TEMPLATE = re.compile(
     r"^/([A-Za-z0-9._~!$&'()*+,;=:@%-]*|\{[A-Za-z_][A-Za-z0-9_]*\})(/([A-Za-z0-9._~!$&'()*+,;=:@%-]*|\{[A-Za-z_][A-Za-z0-9_]*\}))*$"
 )
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+# Headers the gateway sets itself on every forwarded call: never a tool's secret header.
+_GATEWAY_HEADERS = frozenset({"txn-token"})
+# RFC 6749 §3.3: space-separated scope tokens of NQCHAR.
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*$")
+# RFC 6749 Appendix A.1/A.2: client_id and client_secret are VSCHAR.
+_VSCHAR = re.compile(r"^[\x20-\x7e]+$")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -71,7 +79,9 @@ class OwnerSpec(_Spec):
     id: Name
     contact: str = Field(min_length=1, max_length=256)
     roles: list[Role] = Field(default_factory=list, max_length=3)
-    disabled: bool = False
+    # None: enabled when created, unchanged when updated (an apply never re-enables an
+    # owner disabled through the API).
+    disabled: bool | None = None
 
 
 class ScopeSpec(_Spec):
@@ -82,7 +92,9 @@ class ScopeSpec(_Spec):
 class AgentSpec(_Spec):
     spiffe_id: str = Field(max_length=2048)
     owner: Name
-    state: AgentState = AgentState.ACTIVE
+    # None: active when created, unchanged when updated (an apply never resumes an agent
+    # suspended or quarantined through the API or a signal).
+    state: AgentState | None = None
     ceiling: list[ScopeSpec] = Field(default_factory=list, max_length=256)
     description: str = Field("", max_length=1000)
 
@@ -132,6 +144,58 @@ class ActionSpec(_Spec):
         return value
 
 
+class UpstreamExchangeSpec(_Spec):
+    """Per-task upstream credentials by RFC 8693 token exchange with the upstream's own
+    authorization server (docs/gateway.md)."""
+
+    # https, or plain http to a loopback host only (the client secret travels to it).
+    token_endpoint: str = Field(max_length=2048)
+    # The trust domain the subject Txn-Token is minted for (its `aud`), also sent as the
+    # exchange's `audience` parameter.
+    audience: str = Field(min_length=1, max_length=1024)
+    scope: str | None = Field(None, max_length=1024)
+    client_id: str = Field(min_length=1, max_length=256)
+    # Write-only: stored encrypted, never returned. Required when a tool starts using an
+    # exchange or changes its token endpoint or client id; omitted, the stored one is kept.
+    client_secret: SecretStr | None = None
+
+    @field_validator("token_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return check_signal_url(value, "upstream_exchange.token_endpoint")
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, value: str | None) -> str | None:
+        if value is not None and not _SCOPE.match(value):
+            raise ValueError("scope must be space-separated OAuth scope tokens (RFC 6749 §3.3)")
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        if not _VSCHAR.match(value):
+            raise ValueError("client_id must be printable ASCII (RFC 6749 Appendix A.1)")
+        return value
+
+    @field_validator("client_secret")
+    @classmethod
+    def _client_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not (
+            1 <= len(value.get_secret_value()) <= 8192 and _VSCHAR.match(value.get_secret_value())
+        ):
+            raise ValueError("client_secret must be 1 to 8192 printable ASCII characters")
+        return value
+
+    def exchange(self) -> UpstreamExchange:
+        return UpstreamExchange(
+            token_endpoint=self.token_endpoint,
+            audience=self.audience,
+            client_id=self.client_id,
+            scope=self.scope,
+        )
+
+
 class ToolSpec(_Spec):
     id: Name
     audience: str = Field(max_length=1024)
@@ -141,6 +205,8 @@ class ToolSpec(_Spec):
     upstream_auth_header: str = "Authorization"
     # Write-only: stored encrypted, never returned.
     upstream_secret: SecretStr | None = Field(None)
+    # Instead of a static secret: per-task tokens from the upstream's authorization server.
+    upstream_exchange: UpstreamExchangeSpec | None = None
     description: str = Field("", max_length=1000)
 
     @field_validator("id")
@@ -165,6 +231,8 @@ class ToolSpec(_Spec):
     def _header(cls, value: str) -> str:
         if not _HEADER_NAME.match(value):
             raise ValueError("upstream_auth_header must be an HTTP header name")
+        if value.lower() in _GATEWAY_HEADERS:
+            raise ValueError(f"upstream_auth_header {value!r} is set by the gateway itself")
         return value
 
     @field_validator("upstream_secret")
@@ -173,6 +241,14 @@ class ToolSpec(_Spec):
         if value is not None and not 1 <= len(value.get_secret_value()) <= 8192:
             raise ValueError("upstream_secret must be 1 to 8192 characters")
         return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ToolSpec:
+        if self.upstream_secret is not None and self.upstream_exchange is not None:
+            raise ValueError(
+                "a tool has either an upstream_secret or an upstream_exchange, not both"
+            )
+        return self
 
     @model_validator(mode="after")
     def _matchers(self) -> ToolSpec:
@@ -223,6 +299,43 @@ def _secret_aad(tool_id: str) -> bytes:
     return b"taskbound:tool-secret:" + tool_id.encode()
 
 
+def _client_secret_aad(tool_id: str, exchange: UpstreamExchange) -> bytes:
+    """A client secret decrypts only for the tool, token endpoint and client id it was
+    given for: rows edited in the database can neither send it to another endpoint nor
+    pass it off as a static secret injected towards the tool."""
+    return b"\x00".join(
+        [
+            b"taskbound:tool-client-secret",
+            tool_id.encode(),
+            exchange.token_endpoint.encode(),
+            exchange.client_id.encode(),
+        ]
+    )
+
+
+def check_secret_change(spec: ToolSpec, old: Tool | None) -> None:
+    """The tool's secret slot holds either its static secret or its exchange client
+    secret. Refuse a spec that would leave the slot holding the wrong one."""
+    new = spec.upstream_exchange
+    before = None if old is None else old.upstream_exchange
+    if new is not None and new.client_secret is None:
+        if before is None:
+            raise InvalidRequest(
+                f"tool {spec.id!r}: upstream_exchange.client_secret is required when a tool "
+                "starts using an upstream exchange"
+            )
+        if (before.token_endpoint, before.client_id) != (new.token_endpoint, new.client_id):
+            raise InvalidRequest(
+                f"tool {spec.id!r}: upstream_exchange.client_secret is required when the "
+                "token endpoint or the client id changes"
+            )
+    if new is None and before is not None and spec.upstream_secret is None:
+        raise InvalidRequest(
+            f"tool {spec.id!r} stops using its upstream exchange: give its upstream_secret, "
+            "which replaces the stored client secret"
+        )
+
+
 class Registry:
     def __init__(
         self,
@@ -250,7 +363,7 @@ class Registry:
 
     async def create_owner(self, spec: OwnerSpec) -> Owner:
         now = self._clock.now()
-        owner = Owner(spec.id, spec.contact, frozenset(spec.roles), now, now, spec.disabled)
+        owner = Owner(spec.id, spec.contact, frozenset(spec.roles), now, now, bool(spec.disabled))
         await self._storage.create_owner(owner)
         log.info("owner created", extra={"event": "owner.created", "owner": owner.id})
         return owner
@@ -265,7 +378,7 @@ class Registry:
             frozenset(spec.roles),
             old.created_at,
             self._clock.now(),
-            spec.disabled,
+            old.disabled if spec.disabled is None else spec.disabled,
         )
         await self._storage.update_owner(owner, cause=cause)
         self._events.publish(Change.OWNER_CHANGED, owner.id)
@@ -279,6 +392,16 @@ class Registry:
         return tool_from_spec(spec, created_at or now, now)
 
     def _seal_secret(self, spec: ToolSpec) -> bytes | None:
+        """The ciphertext for the tool's secret slot: its static secret or its exchange
+        client secret (never both, see ToolSpec); None keeps what is stored."""
+        exchange = spec.upstream_exchange
+        if exchange is not None:
+            if exchange.client_secret is None:
+                return None
+            return self._box.encrypt(
+                exchange.client_secret.get_secret_value().encode(),
+                aad=_client_secret_aad(spec.id, exchange.exchange()),
+            )
         if spec.upstream_secret is None:
             return None
         return self._box.encrypt(
@@ -293,6 +416,7 @@ class Registry:
                 )
 
     async def create_tool(self, spec: ToolSpec) -> Tool:
+        check_secret_change(spec, None)
         await self._check_audience_unique(spec)
         tool = self._tool(spec)
         await self._storage.create_tool(tool, self._seal_secret(spec))
@@ -311,6 +435,7 @@ class Registry:
                 f"tool {spec.id!r} keeps its audience {old.audience!r}; register a new tool "
                 "for a new audience"
             )
+        check_secret_change(spec, old)
         await self._check_audience_unique(spec)
         tool = self._tool(spec, old.created_at)
         await self._storage.update_tool(tool, self._seal_secret(spec))
@@ -328,9 +453,23 @@ class Registry:
             return None
         return self._box.decrypt(blob, aad=_secret_aad(tool_id)).decode()
 
+    async def upstream_client_secret(self, tool: Tool) -> str | None:
+        """The decrypted client secret of the tool's upstream exchange, for the gateway
+        only (invariant 4); None when the tool has no exchange or no secret is stored. A
+        ciphertext stored for another endpoint, client id or tool fails to decrypt."""
+        if tool.upstream_exchange is None:
+            return None
+        blob = await self._storage.get_tool_secret(tool.id)
+        if blob is None:
+            return None
+        aad = _client_secret_aad(tool.id, tool.upstream_exchange)
+        return self._box.decrypt(blob, aad=aad).decode()
+
     # --- agents ------------------------------------------------------------------------
 
-    async def _agent(self, spec: AgentSpec, created_at: Any = None) -> Agent:
+    async def _agent(
+        self, spec: AgentSpec, created_at: Any = None, current: AgentState | None = None
+    ) -> Agent:
         if await self._storage.get_owner(spec.owner) is None:
             raise ReferenceError_(f"no owner {spec.owner!r}")
         ceiling = frozenset(Scope(s.tool, s.tier) for s in spec.ceiling)
@@ -344,7 +483,7 @@ class Registry:
         return Agent(
             spiffe_id=spec.spiffe_id,
             owner_id=spec.owner,
-            state=spec.state,
+            state=spec.state or current or AgentState.ACTIVE,
             ceiling=ceiling,
             created_at=created_at or now,
             updated_at=now,
@@ -361,7 +500,7 @@ class Registry:
         old = await self._storage.get_agent(spec.spiffe_id)
         if old is None:
             raise NotFound(f"no agent {spec.spiffe_id!r}")
-        agent = await self._agent(spec, old.created_at)
+        agent = await self._agent(spec, old.created_at, old.state)
         await self._storage.update_agent(agent, cause=cause)
         self._events.publish(Change.AGENT_CHANGED, agent.spiffe_id)
         log.info("agent updated", extra={"event": "agent.updated", "agent": agent.spiffe_id})
@@ -376,15 +515,17 @@ class Registry:
         old = await self._storage.get_agent(spiffe_id)
         if old is None:
             raise NotFound("no such agent")
-        if old.state is state:
-            return old, False
-        if old.state is AgentState.RETIRED:
+        if old.state is AgentState.RETIRED and state is not AgentState.RETIRED:
             raise Conflict("a retired agent cannot change state")
-        agent = await self._storage.set_agent_state(
+        # The store decides under its row lock, so concurrent calls report one change.
+        result = await self._storage.change_agent_state(
             spiffe_id, state, self._clock.now(), cause=cause, reason=reason
         )
-        if agent is None:
+        if result is None:
             raise NotFound("no such agent")
+        agent, changed = result
+        if not changed:
+            return agent, False
         self._events.publish(Change.AGENT_CHANGED, spiffe_id)
         log.warning(
             "agent state changed",
@@ -422,6 +563,10 @@ class Registry:
                     raise InvalidRequest(
                         f"agent {a.spiffe_id}: tool {s.tool!r} has no {s.tier.value} actions"
                     )
+        for t in doc.tools:
+            # Before anything is written: a spec that would leave a tool's secret slot
+            # holding the wrong kind of secret fails the whole document.
+            check_secret_change(t, await self._storage.get_tool(t.id))
         audiences: dict[str, str] = {}
         for spec in tools.values():
             if audiences.setdefault(spec.audience, spec.id) != spec.id:
@@ -452,7 +597,7 @@ class Registry:
             same = old_o is not None and (old_o.contact, old_o.roles, old_o.disabled) == (
                 o.contact,
                 frozenset(o.roles),
-                o.disabled,
+                old_o.disabled if o.disabled is None else o.disabled,
             )
             await put(
                 "owner",
@@ -464,7 +609,12 @@ class Registry:
             )
         for t in doc.tools:
             old_t = await self._storage.get_tool(t.id)
-            same = old_t is not None and t.upstream_secret is None and _spec_of(old_t) == t
+            same = (
+                old_t is not None
+                and t.upstream_secret is None
+                and (t.upstream_exchange is None or t.upstream_exchange.client_secret is None)
+                and _spec_of(old_t) == t
+            )
             await put(
                 "tool",
                 t.id,
@@ -482,7 +632,7 @@ class Registry:
                 old_a.description,
             ) == (
                 a.owner,
-                a.state,
+                a.state or old_a.state,
                 frozenset(Scope(s.tool, s.tier) for s in a.ceiling),
                 a.description,
             )
@@ -508,18 +658,21 @@ def tool_from_spec(spec: ToolSpec, created_at: datetime, updated_at: datetime) -
         updated_at=updated_at,
         upstream_auth_header=spec.upstream_auth_header,
         description=spec.description,
+        upstream_exchange=(
+            None if spec.upstream_exchange is None else spec.upstream_exchange.exchange()
+        ),
     )
 
 
 def owner_from_spec(spec: OwnerSpec, when: datetime) -> Owner:
-    return Owner(spec.id, spec.contact, frozenset(spec.roles), when, when, spec.disabled)
+    return Owner(spec.id, spec.contact, frozenset(spec.roles), when, when, bool(spec.disabled))
 
 
 def agent_from_spec(spec: AgentSpec, when: datetime) -> Agent:
     return Agent(
         spiffe_id=spec.spiffe_id,
         owner_id=spec.owner,
-        state=spec.state,
+        state=spec.state or AgentState.ACTIVE,
         ceiling=frozenset(Scope(s.tool, s.tier) for s in spec.ceiling),
         created_at=when,
         updated_at=when,
@@ -550,6 +703,14 @@ def _spec_of(tool: Tool) -> ToolSpec:
         actions=[ActionSpec.model_validate(dataclasses.asdict(a)) for a in tool.actions],
         upstream_auth_header=tool.upstream_auth_header,
         upstream_secret=None,
+        upstream_exchange=None
+        if tool.upstream_exchange is None
+        else UpstreamExchangeSpec(
+            token_endpoint=tool.upstream_exchange.token_endpoint,
+            audience=tool.upstream_exchange.audience,
+            scope=tool.upstream_exchange.scope,
+            client_id=tool.upstream_exchange.client_id,
+        ),
         description=tool.description,
     )
 
@@ -578,14 +739,26 @@ def agent_view(agent: Agent) -> dict[str, Any]:
 
 
 def tool_view(tool: Tool, *, has_secret: bool) -> dict[str, Any]:
-    """A tool as the API shows it: never the secret, only whether one is set."""
+    """A tool as the API shows it: never a secret, only whether one is set. ``has_secret``
+    says whether the tool's secret slot is filled: its static secret, or the client secret
+    of its upstream exchange."""
+    exchange = tool.upstream_exchange
     return {
         "id": tool.id,
         "audience": tool.audience,
         "upstream_url": tool.upstream_url,
         "kind": tool.kind.value,
         "upstream_auth_header": tool.upstream_auth_header,
-        "has_upstream_secret": has_secret,
+        "has_upstream_secret": has_secret and exchange is None,
+        "upstream_exchange": None
+        if exchange is None
+        else {
+            "token_endpoint": exchange.token_endpoint,
+            "audience": exchange.audience,
+            "scope": exchange.scope,
+            "client_id": exchange.client_id,
+            "has_client_secret": has_secret,
+        },
         "description": tool.description,
         "actions": [
             {

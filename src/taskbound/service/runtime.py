@@ -88,6 +88,9 @@ async def open_services(
             purposes += (KeyPurpose.DEV_IDENTITY,)
         if settings.signals.receivers:
             purposes += (KeyPurpose.SIGNALS,)
+        if settings.gateway.enabled:
+            # Txn-Tokens the gateway sends with each forwarded call (docs/gateway.md).
+            purposes += (KeyPurpose.TRANSACTION,)
         await keys.ensure(purposes)
         http = httpx.AsyncClient(timeout=httpx.Timeout(5.0), follow_redirects=False)
         identity = IdentityVerifier(settings, keys, clock, http)
