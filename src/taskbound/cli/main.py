@@ -10,9 +10,18 @@ import typer
 
 from taskbound import __version__
 from taskbound.cli.common import console, handled, print_json
-from taskbound.cli.operate import ConfigOption, admin_app, identity_app, keys_app, tasks_app
+from taskbound.cli.operate import (
+    ConfigOption,
+    admin_app,
+    credentials_app,
+    identity_app,
+    keys_app,
+    revocations_app,
+    tasks_app,
+)
 from taskbound.cli.policy import policy_app
 from taskbound.cli.registry import agents_app, apply, owners_app, tools_app
+from taskbound.cli.token import token_app
 from taskbound.config import Settings, load_settings
 
 app = typer.Typer(
@@ -26,11 +35,16 @@ app.add_typer(config_app, name="config")
 app.add_typer(admin_app, name="admin")
 app.add_typer(owners_app, name="owners")
 app.add_typer(agents_app, name="agents")
+# The singular, as operators type it (`taskbound agent suspend …`); one listing in help.
+app.add_typer(agents_app, name="agent", hidden=True)
 app.add_typer(tools_app, name="tools")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(credentials_app, name="credentials")
 app.add_typer(keys_app, name="keys")
+app.add_typer(revocations_app, name="revocations")
 app.add_typer(identity_app, name="identity")
 app.add_typer(policy_app, name="policy")
+app.add_typer(token_app, name="token")
 app.command("apply")(apply)
 
 
