@@ -85,7 +85,7 @@ def _details(raw: str, parent: CredentialClaims) -> tuple[tuple[str, ...] | None
         raise ExchangeRefused("invalid_request", "authorization_details is too large")
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ExchangeRefused("invalid_request", "authorization_details is not JSON") from None
     if not isinstance(value, list) or len(value) > 1:
         raise ExchangeRefused(

@@ -36,6 +36,8 @@ from taskbound.core.model import (
     CredentialRecord,
     KeyPurpose,
     Owner,
+    Revocation,
+    RevocationKind,
     Task,
     TaskState,
     Tool,
@@ -50,6 +52,7 @@ from taskbound.errors import (
     UseDPoPNonce,
 )
 from taskbound.service.events import Change, Event, Events
+from taskbound.service.identity import unverified_kid
 from taskbound.service.keys import KeyManager
 from taskbound.service.policy import PolicyEngine
 from taskbound.service.revocations import RevocationFeed
@@ -229,11 +232,17 @@ class Checks:
         self._feed = feed
         # Set when this process revoked something: the next call catches the feed up first.
         self._behind = False
-        feed.listeners.append(lambda _entries: self._live.clear())
+        feed.listeners.append(self._on_revocations)
         self.nonces = NonceIssuer(
             nonce_secret or secrets.token_bytes(32), gw.nonce_lifetime_seconds
         )
         events.subscribe(self._on_event)
+
+    def _on_revocations(self, entries: list[Revocation]) -> None:
+        self._live.clear()
+        if any(e.kind is RevocationKind.KEY for e in entries):
+            # A withdrawn key: nothing it signed may be served from the verified cache.
+            self._verified.clear()
 
     def _on_event(self, event: Event) -> None:
         # A revocation or a change of standing in this process: forget every liveness
@@ -244,7 +253,10 @@ class Checks:
 
     # --- 1. credential -------------------------------------------------------------------
 
-    def credential(self, authorization: str | None, tool: Tool) -> tuple[str, CredentialClaims]:
+    def credential(
+        self, authorization: str | None, tool: Tool
+    ) -> tuple[str, CredentialClaims, str]:
+        """The token, its verified claims and the ``kid`` of the key that signed it."""
         if not authorization:
             raise Refusal(
                 "invalid_request", 401, "a DPoP-bound credential is required", www_error=None
@@ -258,11 +270,11 @@ class Checks:
             raise invalid_token("authorization scheme is not DPoP")
         now = self._clock.now()
         digest = hashlib.sha256(token.encode()).hexdigest()
-        cached: CredentialClaims | None = self._verified.get(digest, time.monotonic())
-        if cached is not None and cached.audience == tool.audience:
-            if now >= cached.expires_at + self._leeway:
+        cached: tuple[CredentialClaims, str] | None = self._verified.get(digest, time.monotonic())
+        if cached is not None and cached[0].audience == tool.audience:
+            if now >= cached[0].expires_at + self._leeway:
                 raise invalid_token("credential expired")
-            return token, cached
+            return token, cached[0], cached[1]
         try:
             claims = verify_credential(
                 token,
@@ -277,9 +289,10 @@ class Checks:
             raise invalid_token(exc.internal) from None
         if claims.tool != tool.id:
             raise invalid_token(f"credential for tool {claims.tool!r} presented at {tool.id!r}")
+        kid = unverified_kid(token) or ""  # verified above: the keyring chose the key by it
         remaining = (claims.expires_at + self._leeway - now).total_seconds()
-        self._verified.put(digest, claims, time.monotonic() + max(0.0, remaining))
-        return token, claims
+        self._verified.put(digest, (claims, kid), time.monotonic() + max(0.0, remaining))
+        return token, claims, kid
 
     # --- 2. DPoP -------------------------------------------------------------------------
 
@@ -334,7 +347,7 @@ class Checks:
 
     # --- 3. liveness ---------------------------------------------------------------------
 
-    async def liveness(self, claims: CredentialClaims) -> Live:
+    async def liveness(self, claims: CredentialClaims, kid: str) -> Live:
         now = self._clock.now()
         live: Live | None = self._live.get(claims.jti, time.monotonic())
         if live is None:
@@ -354,10 +367,13 @@ class Checks:
                 chain.append(agent)
             if claims.actors:
                 holder = chain[1]
-                found_owner = await self._storage.get_owner(holder.owner_id)
-                if found_owner is None or found_owner.disabled:
-                    raise invalid_token(f"the owner of delegate {holder.spiffe_id} is disabled")
-                holder_owner = found_owner
+                # Every delegate's owner must be enabled, not only the holder's.
+                for agent in chain[1:]:
+                    found_owner = await self._storage.get_owner(agent.owner_id)
+                    if found_owner is None or found_owner.disabled:
+                        raise invalid_token(f"the owner of delegate {agent.spiffe_id} is disabled")
+                    if agent is holder:
+                        holder_owner = found_owner
             for ancestor in claims.parents:
                 found = await self._storage.get_credential(ancestor)
                 if found is None or not found.live_at(now):
@@ -376,12 +392,16 @@ class Checks:
             live.record.tier,
             live.record.agent_id,
             live.record.parent_jti,
+            live.record.jkt,
+            live.record.kid,
         ) != (
             claims.task_id,
             claims.tool,
             claims.tier,
             claims.holder,
             claims.parents[0] if claims.parents else None,
+            claims.jkt,
+            kid,
         ):
             raise invalid_token("credential record does not match the token")
         if live.task.state_at(now) is not TaskState.ACTIVE:
@@ -523,11 +543,11 @@ class Checks:
     ) -> Admitted:
         """Checks 1-3. ``verified`` is told the credential's claims as soon as they are
         established, so a later refusal is still attributed to its agent and task."""
-        token, claims = self.credential(authorization, tool)
+        token, claims, kid = self.credential(authorization, tool)
         if verified is not None:
             verified(claims)
         self.fresh_feed()
         await self.proof(dpop_headers, method, url, token, claims)
-        live = await self.liveness(claims)
+        live = await self.liveness(claims, kid)
         await self.revocations(claims, live)
         return Admitted(token, claims, live)

@@ -531,6 +531,8 @@ class Broker:
             record is None
             or not record.live_at(now)
             or record.agent_id != parent.holder
+            or record.jkt != parent.jkt
+            or record.parent_jti != (parent.parents[0] if parent.parents else None)
             or task is None
             or task.state_at(now) is not TaskState.ACTIVE
             or inputs.agent is None
@@ -555,6 +557,13 @@ class Broker:
             if agent is None or agent.state is not AgentState.ACTIVE:
                 raise ExchangeRefused(
                     "invalid_request", "the subject_token is not active", f"{acting} not active"
+                )
+            acting_owner = await self._storage.get_owner(agent.owner_id)
+            if acting_owner is None or acting_owner.disabled:
+                raise ExchangeRefused(
+                    "invalid_request",
+                    "the subject_token is not active",
+                    f"the owner of {acting} is disabled",
                 )
             chain.append(agent)
         delegate_owner = await self._storage.get_owner(delegate.owner_id)
@@ -622,6 +631,9 @@ class Broker:
             txn=parent.txn or parent.task_id,
             actors=(actor.spiffe_id, *parent.actors),
             parents=(parent.jti, *parent.parents),
+            # A parent that named who may act passes the restriction on: that actor is now
+            # in the chain, so the child can be delegated no further.
+            may_act=parent.may_act,
         )
         token = mint_credential(claims, signer)
         if len(token) > MAX_CREDENTIAL_LENGTH:
@@ -701,8 +713,8 @@ class Broker:
             or not record.live_at(now)
             # The record and the token must describe the same credential, and the token's
             # audience must still be its own tool's: a credential never moves to another.
-            or (record.task_id, record.tool, record.tier)
-            != (claims.task_id, claims.tool, claims.tier)
+            or (record.task_id, record.tool, record.tier, record.jkt)
+            != (claims.task_id, claims.tool, claims.tier, claims.jkt)
             or tool is None
             or tool.audience != claims.audience
             or task is None
