@@ -342,6 +342,37 @@ class DelegationConfig(_Section):
     single_use: bool = False
 
 
+class ApprovalsConfig(_Section):
+    """Human approval of one exact action (docs/approvals.md)."""
+
+    # How long a held call waits for a decision; undecided, it expires.
+    pending_ttl_seconds: int = Field(900, ge=10, le=7 * 24 * 3600)
+    # How long an approved call may take to be retried (once) before the approval lapses.
+    use_ttl_seconds: int = Field(300, ge=1, le=24 * 3600)
+    # Whether the accountable owner of the task (or of the acting agent) may decide its
+    # own agent's call. Off: separation of duties.
+    owner_may_approve: bool = False
+    # Distinct approvers an admin-tier action needs.
+    admin_quorum: int = Field(2, ge=1, le=10)
+    # A signed, Slack-compatible notification of every new approval (none when unset).
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
+    webhook_secret: SecretStr | None = None
+    # Further attempts after a failed delivery, with exponential backoff.
+    webhook_retries: int = Field(5, ge=0, le=20)
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _webhook(self) -> ApprovalsConfig:
+        if self.webhook_url is not None:
+            check_signal_url(self.webhook_url, "approvals.webhook_url")
+            secret = self.webhook_secret
+            if secret is None or len(secret.get_secret_value()) < 16:
+                raise ValueError(
+                    "approvals.webhook_url needs approvals.webhook_secret (16 characters or more)"
+                )
+        return self
+
+
 class PolicyConfig(_Section):
     # A directory of *.cedar files; the default pack shipped with taskbound when absent.
     dir: Path | None = None
@@ -369,6 +400,7 @@ class Settings(_Section):
     revocation: RevocationConfig = RevocationConfig()
     delegation: DelegationConfig = DelegationConfig()
     signals: SignalsConfig = SignalsConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -418,6 +450,8 @@ class Settings(_Section):
             data["dpop"]["redis_url"] = "**********"
         if self.revocation.listen_url is not None:
             data["revocation"]["listen_url"] = "**********"
+        if self.approvals.webhook_secret is not None:
+            data["approvals"]["webhook_secret"] = "**********"  # noqa: S105 - a mask
         for kind in ("receivers", "transmitters"):
             for entry in data["signals"][kind]:
                 if entry.get("authorization") is not None:

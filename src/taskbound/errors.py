@@ -149,6 +149,48 @@ class Conflict(TaskboundError):
     default_detail = "the resource already exists or changed concurrently"
 
 
+class ApprovalNotPending(Conflict):
+    """A vote on an approval that is already decided (approved, denied or consumed)."""
+
+    code = "approval_not_pending"
+    default_detail = "the approval is no longer pending"
+
+
+class ApprovalExpired(Conflict):
+    """A vote on an approval whose pending time is over."""
+
+    code = "approval_expired"
+    default_detail = "the approval has expired"
+
+
+class AlreadyVoted(Conflict):
+    """The same approver a second time on one approval."""
+
+    code = "already_voted"
+    default_detail = "this approver has already voted on the approval"
+
+
+class ApproverNotAllowed(Forbidden):
+    """Not someone who may decide this approval: an unknown or disabled owner, one
+    without the approver role, or the requester's own owner where policy forbids it."""
+
+    code = "approver_not_allowed"
+    default_detail = "this approver may not decide the approval"
+
+
+class SelfApproval(ApproverNotAllowed):
+    """The owner of the agent asking (or of its task) deciding its own call, where
+    ``approvals.owner_may_approve`` is off (separation of duties)."""
+
+    code = "self_approval_not_allowed"
+    default_detail = "the requester's own owner may not decide this approval"
+
+
+class ReasonRequired(InvalidRequest):
+    code = "reason_required"
+    default_detail = "a reason is required"
+
+
 class ReferenceError_(InvalidRequest):
     """A registry object names another that does not exist (e.g. an agent's owner)."""
 

@@ -46,6 +46,9 @@ from taskbound.core.grant import ScopeRequest
 from taskbound.core.identity import mint_jwt_svid, parse_spiffe_id
 from taskbound.core.model import (
     AgentState,
+    Approval,
+    ApprovalState,
+    ApprovalVote,
     AuditEvent,
     CredentialRecord,
     KeyPurpose,
@@ -141,6 +144,18 @@ AGENT_VERBS = {
 }
 
 
+class VoteBody(_Body):
+    # Until people sign in (the web UI), the approver is named here, beside the admin token.
+    as_owner: str = Field("", max_length=256)
+    reason: str = Field("", max_length=1000)
+
+
+# The operations of `POST /v1/admin/approvals/{id}/{verb}`.
+APPROVAL_VERBS = {"approve": True, "deny": False}
+# The longest long poll of `GET /v1/approvals/{id}?wait=N`.
+MAX_APPROVAL_WAIT = 30.0
+
+
 class MintIdentityBody(_Body):
     spiffe_id: str = Field(max_length=2048)
     ttl_seconds: int = Field(300, ge=10, le=3600)
@@ -197,6 +212,52 @@ def credential_record_view(c: CredentialRecord) -> dict[str, Any]:
         "revoked_at": c.revoked_at.isoformat() if c.revoked_at else None,
         "revoke_reason": c.revoke_reason,
     }
+
+
+def approval_view(
+    a: Approval, now: Any, *, full: bool, votes: list[ApprovalVote] | None = None
+) -> dict[str, Any]:
+    """An approval as its agent sees it, or (``full``) as an admin or approver does: the
+    request summary, the owner, the intent, who decided and every vote."""
+
+    def at(value: Any) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    out: dict[str, Any] = {
+        "id": a.id,
+        "state": a.state_at(now).value,
+        "task": a.task_id,
+        "agent": a.agent_id,
+        "tool": a.tool,
+        "action": a.action,
+        "tier": a.tier.value,
+        "target": a.target,
+        "argument_digest": a.argument_digest,
+        "action_digest": a.action_digest,
+        "required": a.required,
+        "approvals": a.approvals,
+        "created_at": at(a.created_at),
+        "expires_at": at(a.expires_at),
+        "decided_at": at(a.decided_at),
+        "reason": a.reason,
+        "use_by": at(a.use_by),
+        "consumed_at": at(a.consumed_at),
+    }
+    if full:
+        out["owner"] = a.owner_id
+        out["intent"] = a.intent
+        out["summary"] = dict(a.summary)
+        out["decided_by"] = a.decided_by
+        out["votes"] = [
+            {
+                "approver": v.approver,
+                "approve": v.approve,
+                "reason": v.reason,
+                "voted_at": at(v.voted_at),
+            }
+            for v in votes or ()
+        ]
+    return out
 
 
 def revocation_view(r: Revocation) -> dict[str, Any]:
@@ -514,6 +575,39 @@ def create_app(
         caller = await agent_caller(request)
         return await svc().broker.task_for_agent(caller, task_id), "agent"
 
+    @route("/v1/approvals/{approval_id}", methods=["GET"])
+    async def get_approval(request: Request) -> Response:
+        """The state of an approval, for the agent whose call it holds (identity + DPoP
+        of its task's key; another task's approval is not found) or an admin (the full
+        view). ``?wait=N`` (≤ 30 s) answers as soon as it is no longer pending."""
+        raw_wait = request.query_params.get("wait")
+        try:
+            wait = float(raw_wait) if raw_wait is not None else 0.0
+        except ValueError:
+            raise InvalidRequest("wait must be a number of seconds") from None
+        if not 0 <= wait <= MAX_APPROVAL_WAIT:
+            raise InvalidRequest(f"wait must be between 0 and {MAX_APPROVAL_WAIT:g} seconds")
+        approval_id = request.path_params["approval_id"]
+        approvals = svc().approvals
+        token = bearer(request)
+        full = token is not None and token.startswith("tbat_")
+        if full:
+            await admin(request)
+            approval = await approvals.get(approval_id)
+        else:
+            caller = await agent_caller(request)
+            approval = await approvals.get(approval_id)
+            try:
+                await svc().broker.task_for_agent(caller, approval.task_id)
+            except NotFound:
+                raise NotFound("no such approval") from None
+        if wait:
+            approval = await approvals.wait(approval.id, wait)
+        votes = await approvals.votes(approval.id) if full else None
+        return json_response(
+            approval_view(approval, svc().clock.now(), full=full, votes=votes), no_store=True
+        )
+
     @route("/v1/tasks/{task_id}", methods=["GET"])
     async def get_task(request: Request) -> Response:
         task, _ = await task_caller_or_admin(request)
@@ -579,6 +673,13 @@ def create_app(
                 status_code=400,
                 headers={"Cache-Control": "no-store"},
             )
+        except Exception as exc:
+            # Not decidable (an identity provider or the database down, a bug): refused by
+            # the route's handler; recorded here when the audit store can still take it.
+            code = exc.code if isinstance(exc, TaskboundError) else "internal_error"
+            with contextlib.suppress(Exception):
+                await audit("error", code, detail=getattr(exc, "internal", None) or repr(exc))
+            raise
         c = out.claims
         facts["jti"] = c.jti
         await audit(
@@ -862,6 +963,48 @@ def create_app(
             }
         )
 
+    @route("/v1/admin/approvals", methods=["GET"])
+    async def list_approvals(request: Request) -> Response:
+        """Approvals, newest first; ``?state=`` (as of now) and ``?limit=``."""
+        await admin(request)
+        q = request.query_params
+        try:
+            state = ApprovalState(q["state"]) if "state" in q else None
+            limit = int(q.get("limit", "100"))
+        except ValueError:
+            raise InvalidRequest(
+                "bad filter: state must be an approval state, limit a number"
+            ) from None
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit must be between 1 and 1000")
+        now = svc().clock.now()
+        found = await svc().approvals.list_approvals(state, limit)
+        return json_response(
+            {"approvals": [approval_view(a, now, full=True) for a in found]}, no_store=True
+        )
+
+    @route("/v1/admin/approvals/{approval_id}/{verb}", methods=["POST"])
+    async def decide_approval(request: Request) -> Response:
+        """approve | deny one approval as the approver ``as_owner`` (an owner with the
+        approver role; interim until people sign in). Every refusal is audited."""
+        cause = await admin(request)
+        verb = request.path_params["verb"]
+        if verb not in APPROVAL_VERBS:
+            raise NotFound(f"no approval operation {verb!r}")
+        body = await read_json(request, VoteBody)
+        approvals = svc().approvals
+        decided = await approvals.decide(
+            request.path_params["approval_id"],
+            as_owner=body.as_owner,
+            approve=APPROVAL_VERBS[verb],
+            reason=body.reason,
+            cause=cause,
+        )
+        votes = await approvals.votes(decided.id)
+        return json_response(
+            approval_view(decided, svc().clock.now(), full=True, votes=votes), no_store=True
+        )
+
     @route("/v1/admin/policy", methods=["GET"])
     async def policy_status(request: Request) -> Response:
         await admin(request)
@@ -930,6 +1073,7 @@ def create_app(
         task_credentials, revoke_task, token, revoke_credential, agent_state, keys, rotate,
         withdraw_key, revocations, policy_status, policy_reload,
         mint_identity, healthz, readyz, metrics_endpoint,
+        get_approval, list_approvals, decide_approval,
     ]  # fmt: skip
     routes += [ssf_configuration, ssf_jwks, receive_signal]
     if not broker:
@@ -1056,6 +1200,7 @@ async def _sweep_forever(services: Services) -> None:
     while True:
         try:
             await services.broker.sweep()
+            await services.approvals.sweep()
             await services.keys.reload()
             await services.policy.refresh_registry()
         except Exception:

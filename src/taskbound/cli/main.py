@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from taskbound import __version__
+from taskbound.cli.approvals import approvals_app
 from taskbound.cli.common import console, handled, print_json
 from taskbound.cli.operate import (
     ConfigOption,
@@ -45,6 +46,7 @@ app.add_typer(revocations_app, name="revocations")
 app.add_typer(identity_app, name="identity")
 app.add_typer(policy_app, name="policy")
 app.add_typer(token_app, name="token")
+app.add_typer(approvals_app, name="approvals")
 app.command("apply")(apply)
 
 

@@ -331,3 +331,72 @@ class Revocation:
     agent_id: str | None = None  # the agent concerned (task and credential entries)
     task_id: str | None = None  # the task concerned (credential entries)
     seq: int = 0  # assigned by the store
+
+
+class ApprovalState(StrEnum):
+    """Where a human approval of one action stands (DESIGN.md §3 flow 8)."""
+
+    PENDING = "pending"  # waiting for approvers, until ``expires_at``
+    APPROVED = "approved"  # usable once by the same call, until ``use_by``
+    DENIED = "denied"
+    EXPIRED = "expired"  # nobody decided in time, or the approved call never came
+    CONSUMED = "consumed"  # the approved call was made (once)
+
+    @property
+    def open(self) -> bool:
+        """Pending or approved: the one approval of its (task, action digest) that counts."""
+        return self in (ApprovalState.PENDING, ApprovalState.APPROVED)
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A human decision on one exact action of one task (DESIGN.md §2).
+
+    ``action_digest`` binds the tool, the action, the target and the call's canonical
+    arguments (RFC 8785); an approved approval authorises that digest, for ``task_id``,
+    once, before ``use_by``. ``summary`` is what a human needs to decide (method, path, the
+    arguments as the gateway decoded them, bounded, and the policies that asked for it).
+    """
+
+    id: str
+    task_id: str
+    agent_id: str  # the acting agent (a delegate, for a delegated credential)
+    owner_id: str  # the task's accountable owner
+    tool: str
+    action: str
+    tier: Tier
+    target: str | None
+    argument_digest: str
+    action_digest: str
+    intent: str
+    summary: Mapping[str, Any]
+    required: int  # distinct approvers needed (2 or more: a quorum)
+    created_at: datetime
+    expires_at: datetime  # a pending approval nobody decided by then is expired
+    state: ApprovalState = ApprovalState.PENDING
+    approvals: int = 0  # approve votes so far
+    decided_at: datetime | None = None
+    decided_by: str | None = None  # the approver whose vote decided it
+    reason: str | None = None  # the deciding vote's reason
+    use_by: datetime | None = None  # approved: the call must come before this
+    consumed_at: datetime | None = None
+
+    def state_at(self, now: datetime) -> ApprovalState:
+        """The state as of ``now``: a pending approval past ``expires_at``, or an approved
+        one past ``use_by``, is expired even before the store records it."""
+        if self.state is ApprovalState.PENDING and now >= self.expires_at:
+            return ApprovalState.EXPIRED
+        if self.state is ApprovalState.APPROVED and self.use_by is not None and now >= self.use_by:
+            return ApprovalState.EXPIRED
+        return self.state
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalVote:
+    """One approver's vote on one approval; an approver votes once."""
+
+    approval_id: str
+    approver: str  # the owner id of the human who voted
+    approve: bool
+    reason: str | None
+    voted_at: datetime

@@ -7,16 +7,18 @@ pass-through (invariant 1).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin
 
 import aiohttp
@@ -37,8 +39,11 @@ from taskbound.core.actions import (
     mcp_tool_action,
     parse_jsonrpc,
 )
+from taskbound.core.approvals import MAX_FIELD_CHARS, http_binding
 from taskbound.core.keys import PrivateKey
 from taskbound.core.model import (
+    Action,
+    Approval,
     AuditEvent,
     KeyPurpose,
     Revocation,
@@ -59,8 +64,10 @@ from taskbound.gateway.proxy import (
     upstream_headers,
 )
 from taskbound.gateway.upstream_tokens import CredentialUnavailable, TokenKey, UpstreamTokens
+from taskbound.service.approvals import HeldCall
 from taskbound.service.audit import AuditWriter
 from taskbound.service.events import Change, Event
+from taskbound.service.policy import PolicyEngine
 from taskbound.service.registry import RESERVED_TOOL_IDS
 from taskbound.service.runtime import Services
 
@@ -70,6 +77,64 @@ log = logging.getLogger("taskbound.gateway")
 # implementation-defined server errors of JSON-RPC 2.0).
 JSONRPC_REFUSED = -32001
 JSONRPC_METHOD_NOT_ALLOWED = -32601
+
+
+# Set while the gateway decides a call whose approval it has just consumed: the checks'
+# decision then sees `context.approval.granted` true (see _ApprovalAwarePolicy).
+_APPROVED_CALL: ContextVar[bool] = ContextVar("taskbound_approved_call", default=False)
+
+
+class _ApprovalAwarePolicy:
+    """The policy engine as the gateway's checks see it: exactly the engine, except that
+    a call decided while :data:`_APPROVED_CALL` is set is decided with the approval
+    granted. The checks build the decision's situation themselves; this keeps that one
+    code path for the second decision of an approved call too."""
+
+    def __init__(self, engine: PolicyEngine) -> None:
+        self._engine = engine
+
+    def decide_call(self, **kwargs: Any) -> Decision:
+        if _APPROVED_CALL.get():
+            kwargs["situation"] = replace(kwargs["situation"], approval_granted=True)
+        return self._engine.decide_call(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+class Held(Refusal):
+    """``approval_required``, with the approval the call now waits for."""
+
+    def __init__(self, gate: Refusal, approval: Approval) -> None:
+        super().__init__(
+            gate.code,
+            gate.status,
+            "this call needs a human approval: poll the approval, then make the same call "
+            "again once it is approved",
+            internal=f"{gate.internal}; held for approval {approval.id} "
+            f"({approval.state.value}, {approval.approvals} of {approval.required})",
+            www_error=gate.www_error,
+            decision=gate.decision,
+        )
+        self.approval = approval
+
+    def problem_members(self) -> dict[str, Any]:
+        """What the refusal body (or the JSON-RPC error's data) adds: where to wait."""
+        return {
+            "approval_id": self.approval.id,
+            "poll": f"/v1/approvals/{self.approval.id}",
+            "expires_at": self.approval.expires_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _CallShape:
+    """How a call looked on the wire: what an approval shows a person and binds to."""
+
+    method: str
+    path: str
+    binding: Mapping[str, Any]
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 class AuditUnavailable(TaskboundError):
@@ -115,7 +180,7 @@ class CallRecord:
             policy_version=self.decision.policy_version if self.decision else None,
             latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
             upstream_status=upstream,
-            detail=_with_chain(detail, c),
+            detail=_with_chain("; ".join(n for n in (*self.notes, detail) if n) or None, c),
             txn=(c.txn or c.task_id) if c else None,
         )
 
@@ -137,7 +202,7 @@ class Gateway:
             settings,
             services.storage,
             services.keys,
-            services.policy,
+            cast(PolicyEngine, _ApprovalAwarePolicy(services.policy)),
             services.replay,
             services.clock,
             services.events,
@@ -417,7 +482,8 @@ class Gateway:
             headers["WWW-Authenticate"] = self._www_authenticate(record.tool, www)
         if code == "use_dpop_nonce":
             headers["DPoP-Nonce"] = self.checks.nonces.current(self.s.clock.now())
-        return _problem(code, status, err.detail, headers)
+        extra = err.problem_members() if isinstance(err, Held) else None
+        return _problem(code, status, err.detail, headers, extra)
 
     def _www_authenticate(self, tool_id: str, error: str | None) -> str:
         algs = " ".join(self.s.settings.dpop.algorithms)
@@ -438,10 +504,81 @@ class Gateway:
         record.digest = argument_digest(dict(match.params))
         assert record.admitted is not None
         self.checks.within_credential(match.action, record.admitted.claims)
-        record.decision = self.checks.decide(
-            record.admitted, tool, match.action, match.params, rest or "/"
+
+        def shape() -> _CallShape:
+            # Only for a call an approval gate holds: the hot path never hashes the body.
+            query = request.url.query
+            content_type = request.headers.get("content-type")
+            extra: dict[str, Any] = {}
+            if query:
+                extra["query"] = query[:MAX_FIELD_CHARS]
+            if body:
+                extra["body"] = _body_view(body, content_type)
+            return _CallShape(
+                method=request.method,
+                path=f"/{tool.id}{rest}",
+                binding=http_binding(match.params, query, body, content_type),
+                extra=extra,
+            )
+
+        record.decision = await self._decide(
+            record, tool, match.action, match.params, rest or "/", shape
         )
         return await self._forward(request, tool, rest, body, [record])
+
+    # --- the decision, and approvals -----------------------------------------------------
+
+    async def _decide(
+        self,
+        record: CallRecord,
+        tool: Tool,
+        action: Action,
+        arguments: Mapping[str, Any],
+        target: str | None,
+        shape: Callable[[], _CallShape],
+    ) -> Decision:
+        """The call decision (check 5). A call that only an approval gate holds is let
+        through if an approval of exactly this call (task, tool, action, target and
+        canonical arguments) was granted and is consumed now, once; otherwise it is held:
+        refused with the pending approval it waits for (DESIGN.md §3 flow 8)."""
+        admitted = record.admitted
+        assert admitted is not None
+        try:
+            return self.checks.decide(admitted, tool, action, arguments, target)
+        except Refusal as refusal:
+            if refusal.code != "approval_required" or refusal.decision is None:
+                raise
+            gate = refusal
+        claims, live, how = admitted.claims, admitted.live, shape()
+        call = HeldCall(
+            task_id=claims.task_id,
+            agent_id=claims.holder,
+            owner_id=live.owner.id,
+            agent_owner=live.holder_owner.id,
+            intent=claims.purpose,
+            tool=tool.id,
+            action=action.name,
+            tier=action.tier,
+            target=target,
+            arguments=arguments,
+            binding=how.binding,
+            method=how.method,
+            path=how.path,
+            policies=gate.decision.determining if gate.decision else (),
+            policy_version=gate.decision.policy_version if gate.decision else None,
+            jti=claims.jti,
+            txn=claims.txn or claims.task_id,
+            extra=how.extra,
+        )
+        approved = await self.s.approvals.consume(call)
+        if approved is None:
+            raise Held(gate, await self.s.approvals.hold(call))
+        record.notes.append(f"approval {approved.id} consumed")
+        token = _APPROVED_CALL.set(True)
+        try:
+            return self.checks.decide(admitted, tool, action, arguments, target)
+        finally:
+            _APPROVED_CALL.reset(token)
 
     async def _forward(
         self,
@@ -572,7 +709,7 @@ class Gateway:
                 admitted=record.admitted,
             )
             try:
-                self._mcp_decide(message, tool, own)
+                await self._mcp_decide(message, tool, own)
             except Refusal as refusal:
                 if refusal.decision is not None:
                     own.decision = refusal.decision
@@ -606,7 +743,7 @@ class Gateway:
             return await self._forward(request, tool, rest, body, records, transform)
         return await self._forward(request, tool, rest, body, records)
 
-    def _mcp_decide(self, message: McpMessage, tool: Tool, record: CallRecord) -> None:
+    async def _mcp_decide(self, message: McpMessage, tool: Tool, record: CallRecord) -> None:
         assert record.admitted is not None
         claims = record.admitted.claims
         if message.method == "tools/call":
@@ -624,8 +761,17 @@ class Gateway:
                 )
             record.tier = action.tier.value
             self.checks.within_credential(action, claims)
-            record.decision = self.checks.decide(
-                record.admitted, tool, action, message.arguments, name
+
+            def shape() -> _CallShape:
+                return _CallShape(
+                    method="POST",
+                    path=f"/{tool.id}",
+                    binding=message.arguments,
+                    extra={"mcp_method": message.method, "mcp_tool": name},
+                )
+
+            record.decision = await self._decide(
+                record, tool, action, message.arguments, name, shape
             )
             return
         record.action = f"mcp:{message.method}"
@@ -681,11 +827,33 @@ def _filter_tools(message: dict[str, Any], tool: Tool, tier: str, actions: set[s
 
 def _jsonrpc_error(message_id: Any, refusal: Refusal) -> dict[str, Any]:
     code = JSONRPC_METHOD_NOT_ALLOWED if refusal.code == "method_not_allowed" else JSONRPC_REFUSED
+    data: dict[str, Any] = {"code": refusal.code}
+    if isinstance(refusal, Held):
+        data.update(refusal.problem_members())
     return {
         "jsonrpc": "2.0",
         "id": message_id,
-        "error": {"code": code, "message": refusal.detail, "data": {"code": refusal.code}},
+        "error": {"code": code, "message": refusal.detail, "data": data},
     }
+
+
+def _body_view(body: bytes, content_type: str | None) -> Any:
+    """An HTTP body as a person approving the call should see it: JSON as JSON, text as
+    text, anything else by size and digest (the approval's summary bounds the size)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            return json.loads(body, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            pass
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 MAX_TRANSFORMED_BYTES = 16 * 1024 * 1024
@@ -719,7 +887,11 @@ def _raw_response(response: Response, headers: list[tuple[str, str]]) -> Respons
 
 
 def _problem(
-    code: str, status: int, detail: str, headers: dict[str, str] | None = None
+    code: str,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
         {
@@ -728,6 +900,7 @@ def _problem(
             "status": status,
             "code": code,
             "detail": detail,
+            **(extra or {}),
         },
         status_code=status,
         media_type="application/problem+json",

@@ -14,6 +14,7 @@ from taskbound.core.clock import Clock, SystemClock
 from taskbound.core.grant import GrantDecider
 from taskbound.core.model import KeyPurpose
 from taskbound.core.secretbox import SecretBox
+from taskbound.service.approvals import Approvals
 from taskbound.service.broker import Broker
 from taskbound.service.events import Events
 from taskbound.service.identity import IdentityVerifier
@@ -46,6 +47,8 @@ class Services:
     replay: ReplayCache
     http: httpx.AsyncClient
     revocations: RevocationFeed
+    # Human approvals of held calls (and their webhook notifications).
+    approvals: Approvals
     # Resources other components opened on these services (the gateway's upstream pool).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Shared Signals: out (None without receivers; started by the app), in (None without
@@ -59,6 +62,7 @@ class Services:
         if self.signal_sender is not None:
             await self.signal_sender.aclose()
         await self.revocations.aclose()
+        await self.approvals.aclose()
         await self.http.aclose()
         close = getattr(self.replay, "close", None)
         if close is not None:
@@ -124,6 +128,7 @@ async def open_services(
         if settings.signals.receivers:
             signal_sender = SignalSender(settings, storage, keys, clock, http)
             revocations.listeners.append(signal_sender.notify)
+        approvals = Approvals(settings, storage, clock, http)
         signal_receiver = None
         if settings.signals.transmitters:
             signal_receiver = SignalReceiver(
@@ -151,6 +156,7 @@ async def open_services(
         replay,
         http,
         revocations,
+        approvals,
         signal_sender=signal_sender,
         signal_receiver=signal_receiver,
     )

@@ -17,6 +17,8 @@ Every backend orders list results the same way (text by code point):
 * ``list_keys``: newest ``created_at`` first, the active key before retiring ones, then kid;
 * ``list_admin_tokens``: by ``created_at``, then by id;
 * ``list_audit``: by sequence number, ascending, after ``after``, cut at ``limit``;
+* ``list_approvals``: newest ``created_at`` first, then by id, cut at ``limit``;
+  ``list_approval_votes``: by ``voted_at``, then by approver;
 * ``expire_tasks``: the ids, sorted.
 
 Updates (``update_owner``, ``update_agent``, ``update_tool``) keep the stored ``created_at``.

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    Approval,
+    ApprovalState,
+    ApprovalVote,
     AuditEvent,
     CredentialRecord,
     KeyPurpose,
@@ -298,9 +301,81 @@ class AuditStore(Protocol):
         ...
 
 
+class ApprovalStore(Protocol):
+    """Human approvals of one exact action (DESIGN.md §3 flow 8) and the votes on them.
+
+    At most one approval per (task, action digest) is open, pending or approved, at any
+    time, whichever process asks; an approver votes once per approval; an approved
+    approval is consumed at most once. The transitions are those of
+    :mod:`taskbound.core.approvals`. Lists are newest ``created_at`` first, then by id.
+    """
+
+    async def request_approval(self, approval: Approval) -> Approval:
+        """Store ``approval`` (PENDING, no votes; ``created_at`` is now), unless its (task,
+        action digest) has an open approval still in time: then that one is returned and
+        nothing is stored. Open ones past their time are marked EXPIRED first. Atomic:
+        concurrent requests for one (task, digest) all get the same approval.
+        ReferenceError_ for an unknown task; ValueError for an approval not PENDING."""
+        ...
+
+    async def get_approval(self, approval_id: str) -> Approval | None: ...
+
+    async def list_approvals(
+        self,
+        *,
+        state: ApprovalState | None = None,
+        task_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Approval]:
+        """Approvals in the stored ``state`` (all when None) and of ``task_id`` (any when
+        None), newest first, at most ``limit`` (ValueError when negative)."""
+        ...
+
+    async def list_approval_votes(self, approval_id: str) -> list[ApprovalVote]:
+        """The votes on one approval, in the order they were cast (then by approver)."""
+        ...
+
+    async def vote_approval(
+        self,
+        approval_id: str,
+        approver: str,
+        approve: bool,
+        reason: str | None,
+        now: datetime,
+        use_ttl: timedelta,
+    ) -> Approval:
+        """Record one vote and apply it (:func:`taskbound.core.approvals.cast_vote`) in one
+        transaction; concurrent votes are applied one after the other. Returns the
+        approval afterwards. Raises NotFound (no such approval), ApprovalExpired (it is
+        expired; a pending one past its time is marked EXPIRED, and that is kept),
+        ApprovalNotPending (decided already) or AlreadyVoted (this approver voted before),
+        all Conflicts but NotFound; the vote is then not recorded."""
+        ...
+
+    async def consume_approval(
+        self, task_id: str, action_digest: str, now: datetime
+    ) -> Approval | None:
+        """Consume the APPROVED approval of this (task, action digest) whose ``use_by`` is
+        after ``now``: one conditional UPDATE, so of any number of concurrent consumers
+        exactly one gets it. The consumed approval, or None when there was none."""
+        ...
+
+    async def expire_approvals(self, now: datetime) -> int:
+        """Mark EXPIRED every pending approval past ``expires_at`` and every approved one
+        past ``use_by``; how many."""
+        ...
+
+
 @runtime_checkable
 class Storage(
-    RegistryStore, KeyStore, TaskStore, RevocationStore, AdminTokenStore, AuditStore, Protocol
+    RegistryStore,
+    KeyStore,
+    TaskStore,
+    RevocationStore,
+    AdminTokenStore,
+    AuditStore,
+    ApprovalStore,
+    Protocol,
 ):
     """Everything the broker stores. One object per process, shared by all requests."""
 

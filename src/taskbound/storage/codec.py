@@ -21,6 +21,9 @@ from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    Approval,
+    ApprovalState,
+    ApprovalVote,
     AuditEvent,
     CredentialRecord,
     KeyPurpose,
@@ -605,3 +608,128 @@ def owner_entry(owner: Owner, now: datetime, cause: str, reason: str | None) -> 
 
 def key_entry(kid: str, now: datetime, cause: str, reason: str) -> Revocation:
     return Revocation(kind=RevocationKind.KEY, subject=kid, time=now, cause=cause, reason=reason)
+
+
+# --- approvals ---------------------------------------------------------------------------
+
+# approvals.open_slot: 1 while an approval is pending or approved (at most one such row per
+# task and action digest, by a unique constraint), NULL once it is decided for good.
+OPEN_SLOT = 1
+
+
+def approval_row(approval: Approval) -> Row:
+    state = ApprovalState(approval.state)
+    if approval.required < 1 or approval.approvals < 0:
+        raise ValueError("an approval needs required >= 1 and approvals >= 0")
+    return _text_checked(
+        {
+            "id": approval.id,
+            "task_id": approval.task_id,
+            "agent_id": approval.agent_id,
+            "owner_id": approval.owner_id,
+            "tool": approval.tool,
+            "action": approval.action,
+            "tier": Tier(approval.tier).value,
+            "target": approval.target,
+            "argument_digest": approval.argument_digest,
+            "action_digest": approval.action_digest,
+            "intent": approval.intent,
+            "summary": _json(dict(approval.summary)),
+            "required": int(approval.required),
+            "state": state.value,
+            "open_slot": OPEN_SLOT if state.open else None,
+            "approvals": int(approval.approvals),
+            "created_at": utc(approval.created_at),
+            "expires_at": utc(approval.expires_at),
+            "decided_at": utc_or_none(approval.decided_at),
+            "decided_by": approval.decided_by,
+            "reason": approval.reason,
+            "use_by": utc_or_none(approval.use_by),
+            "consumed_at": utc_or_none(approval.consumed_at),
+        }
+    )
+
+
+def approval_from(row: Mapping[Any, Any]) -> Approval:
+    return Approval(
+        id=row["id"],
+        task_id=row["task_id"],
+        agent_id=row["agent_id"],
+        owner_id=row["owner_id"],
+        tool=row["tool"],
+        action=row["action"],
+        tier=Tier(row["tier"]),
+        target=row["target"],
+        argument_digest=row["argument_digest"],
+        action_digest=row["action_digest"],
+        intent=row["intent"],
+        summary=row["summary"],
+        required=int(row["required"]),
+        state=ApprovalState(row["state"]),
+        approvals=int(row["approvals"]),
+        created_at=utc(row["created_at"]),
+        expires_at=utc(row["expires_at"]),
+        decided_at=utc_or_none(row["decided_at"]),
+        decided_by=row["decided_by"],
+        reason=row["reason"],
+        use_by=utc_or_none(row["use_by"]),
+        consumed_at=utc_or_none(row["consumed_at"]),
+    )
+
+
+def approval_changes(approval: Approval) -> Row:
+    """The columns a vote, an expiry or a consumption may change."""
+    row = approval_row(approval)
+    keep = (
+        "state",
+        "open_slot",
+        "approvals",
+        "decided_at",
+        "decided_by",
+        "reason",
+        "use_by",
+        "consumed_at",
+    )
+    return {k: row[k] for k in keep}
+
+
+def vote_row(vote: ApprovalVote) -> Row:
+    return _text_checked(
+        {
+            "approval_id": vote.approval_id,
+            "approver": vote.approver,
+            "approve": bool(vote.approve),
+            "reason": vote.reason,
+            "voted_at": utc(vote.voted_at),
+        }
+    )
+
+
+def vote_from(row: Mapping[Any, Any]) -> ApprovalVote:
+    return ApprovalVote(
+        approval_id=row["approval_id"],
+        approver=row["approver"],
+        approve=bool(row["approve"]),
+        reason=row["reason"],
+        voted_at=utc(row["voted_at"]),
+    )
+
+
+def check_approval_query(limit: int) -> None:
+    """``ValueError`` for a negative ``limit`` of ``list_approvals``."""
+    if limit < 0:
+        raise ValueError("list_approvals: limit must not be negative")
+
+
+def check_new_approval(approval: Approval) -> None:
+    """``ValueError`` unless ``approval`` is a new one: PENDING, without votes or decision."""
+    if (
+        ApprovalState(approval.state) is not ApprovalState.PENDING
+        or approval.approvals != 0
+        or approval.decided_at is not None
+        or approval.use_by is not None
+        or approval.consumed_at is not None
+    ):
+        raise ValueError("a new approval must be PENDING, without votes or a decision")
+    if utc(approval.expires_at) <= utc(approval.created_at):
+        raise ValueError("an approval must expire after it is created")

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import TypeVar
 
 from sqlalchemy import JSON, Table
 
+from taskbound.core.approvals import cast_vote, due_to_expire
 from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    Approval,
+    ApprovalState,
+    ApprovalVote,
     AuditEvent,
     CredentialRecord,
     KeyPurpose,
@@ -33,7 +37,7 @@ from taskbound.core.model import (
     TaskState,
     Tool,
 )
-from taskbound.errors import Conflict, NotFound, ReferenceError_
+from taskbound.errors import ApprovalExpired, Conflict, NotFound, ReferenceError_
 from taskbound.storage import codec, schema
 from taskbound.storage.base import GrantInputs
 from taskbound.storage.codec import Row
@@ -116,6 +120,9 @@ class MemoryStorage:
         self._revocations: list[Revocation] = []  # in seq order
         self._revocation_seq = 0
         self._cursors: dict[str, int] = {}
+        self._approvals = _Table(schema.approvals)
+        # Keyed by approval id, NUL, approver (no stored text holds a NUL).
+        self._votes = _Table(schema.approval_votes)
 
     async def check(self) -> None:
         """Always healthy: there is no backend to lose."""
@@ -145,12 +152,17 @@ class MemoryStorage:
         if bool(was["disabled"]) != owner.disabled:
             log.append(codec.owner_entry(owner, now, cause, reason))
         if owner.disabled:
-            log += self._revoke_tasks(
-                lambda r: r["owner_id"] == owner.id,
-                reason or codec.OWNER_DISABLED_REASON,
-                now,
-                cause,
-            )
+            why = reason or codec.OWNER_DISABLED_REASON
+            log += self._revoke_tasks(lambda r: r["owner_id"] == owner.id, why, now, cause)
+            # Credentials delegated to the owner's agents within other tasks, and theirs.
+            theirs = {sid for sid, r in self._agents.rows() if r["owner_id"] == owner.id}
+            held = [
+                jti
+                for jti, r in self._credentials.rows()
+                if r["agent_id"] in theirs and r["expires_at"] > now
+            ]
+            revoked = self._revoke_tree(held, why, now)
+            log += [codec.credential_entry(r, now, cause, why) for r in revoked]
         self._log(log)
 
     async def get_owner(self, owner_id: str) -> Owner | None:
@@ -446,6 +458,15 @@ class MemoryStorage:
         now = codec.utc(now)
         parent = self._credentials.get(parent_jti)
         task = self._tasks.get(credential.task_id)
+        holder = self._agents.get(credential.agent_id)
+        holder_owner = None if holder is None else self._owners.get(holder["owner_id"])
+        if (
+            holder is None
+            or holder["state"] != AgentState.ACTIVE.value
+            or holder_owner is None
+            or holder_owner["disabled"]
+        ):
+            return False
         if (
             parent is None
             or parent["revoked_at"] is not None
@@ -674,6 +695,139 @@ class MemoryStorage:
             and (agent is None or r["agent"] == agent)
         ]
         return _decoded(self._audit, rows[:limit], codec.audit_from)
+
+    # --- approvals -------------------------------------------------------------------------
+
+    def _open_approval(self, task_id: str, action_digest: str) -> tuple[str, Approval] | None:
+        for key, r in self._approvals.rows():
+            if (
+                r["task_id"] == task_id
+                and r["action_digest"] == action_digest
+                and r["open_slot"] == codec.OPEN_SLOT
+            ):
+                return key, codec.approval_from(self._approvals.decode(r))
+        return None
+
+    def _store_approval(self, approval: Approval) -> None:
+        self._approvals.update(
+            approval.id, self._approvals.encode(codec.approval_changes(approval))
+        )
+
+    def _expire(self, approval: Approval) -> None:
+        self._store_approval(replace(approval, state=ApprovalState.EXPIRED))
+
+    async def request_approval(self, approval: Approval) -> Approval:
+        codec.check_new_approval(approval)
+        row = self._approvals.encode(codec.approval_row(approval))
+        now = codec.utc(approval.created_at)
+        _require_reference(self._tasks, approval.task_id)
+        found = self._open_approval(approval.task_id, approval.action_digest)
+        if found is not None and not due_to_expire(found[1], now):
+            return found[1]
+        _require_new(self._approvals, approval.id)
+        if found is not None:
+            self._expire(found[1])
+        self._approvals.insert(approval.id, row)
+        stored = await self.get_approval(approval.id)
+        assert stored is not None
+        return stored
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        row = self._approvals.get(approval_id)
+        return None if row is None else codec.approval_from(row)
+
+    async def list_approvals(
+        self,
+        *,
+        state: ApprovalState | None = None,
+        task_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Approval]:
+        codec.check_approval_query(limit)
+        wanted = None if state is None else ApprovalState(state).value
+        rows = sorted(
+            (
+                r
+                for _, r in self._approvals.rows()
+                if (wanted is None or r["state"] == wanted)
+                and (task_id is None or r["task_id"] == task_id)
+            ),
+            key=lambda r: (_Descending(r["created_at"]), r["id"]),
+        )
+        return _decoded(self._approvals, rows[:limit], codec.approval_from)
+
+    async def list_approval_votes(self, approval_id: str) -> list[ApprovalVote]:
+        rows = sorted(
+            (r for _, r in self._votes.rows() if r["approval_id"] == approval_id),
+            key=lambda r: (r["voted_at"], r["approver"]),
+        )
+        return _decoded(self._votes, rows, codec.vote_from)
+
+    async def vote_approval(
+        self,
+        approval_id: str,
+        approver: str,
+        approve: bool,
+        reason: str | None,
+        now: datetime,
+        use_ttl: timedelta,
+    ) -> Approval:
+        now = codec.utc(now)
+        if codec.has_nul(approval_id):
+            raise NotFound(internal="approvals: no such row")
+        vote = self._votes.encode(
+            codec.vote_row(ApprovalVote(approval_id, approver, approve, reason, now))
+        )
+        current = await self.get_approval(approval_id)
+        if current is None:
+            raise NotFound(internal=f"approvals: no row {approval_id!r}")
+        voted = {r["approver"] for _, r in self._votes.rows() if r["approval_id"] == approval_id}
+        try:
+            new = cast_vote(
+                current,
+                approver=approver,
+                approve=approve,
+                reason=reason,
+                now=now,
+                use_ttl=use_ttl,
+                voted=voted,
+            )
+        except ApprovalExpired:
+            if due_to_expire(current, now):
+                self._expire(current)
+            raise
+        self._votes.insert(f"{approval_id}\x00{approver}", vote)
+        self._store_approval(new)
+        return new
+
+    async def consume_approval(
+        self, task_id: str, action_digest: str, now: datetime
+    ) -> Approval | None:
+        now = codec.utc(now)
+        found = self._open_approval(task_id, action_digest)
+        if found is None:
+            return None
+        approval = found[1]
+        if approval.state is not ApprovalState.APPROVED or approval.use_by is None:
+            return None
+        if approval.use_by <= now:
+            return None
+        consumed = replace(approval, state=ApprovalState.CONSUMED, consumed_at=now)
+        self._store_approval(consumed)
+        return consumed
+
+    async def expire_approvals(self, now: datetime) -> int:
+        now = codec.utc(now)
+        due = [
+            a
+            for a in (
+                codec.approval_from(self._approvals.decode(r)) for _, r in self._approvals.rows()
+            )
+            if due_to_expire(a, now)
+        ]
+        for approval in due:
+            self._expire(approval)
+        return len(due)
 
 
 # The rules the SQL schema enforces with constraints, as checks run before any change.

@@ -259,3 +259,54 @@ signal_cursors = Table(
     Column("seq", BigInteger, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
 )
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("task_id", String, ForeignKey("tasks.id"), nullable=False),
+    Column("agent_id", String, nullable=False),
+    Column("owner_id", String, nullable=False),
+    Column("tool", String, nullable=False),
+    Column("action", String, nullable=False),
+    Column("tier", String, nullable=False),
+    Column("target", Text, nullable=True),
+    Column("argument_digest", String, nullable=False),
+    Column("action_digest", String, nullable=False),
+    Column("intent", Text, nullable=False),
+    Column("summary", JSON, nullable=False),
+    Column("required", SmallInteger, nullable=False),
+    Column("state", String, nullable=False),
+    # 1 while pending or approved, NULL once decided for good: with the unique constraint
+    # below, at most one open approval per (task, action digest), whichever process asks.
+    Column("open_slot", SmallInteger, nullable=True),
+    Column("approvals", SmallInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("decided_at", UTCDateTime, nullable=True),
+    Column("decided_by", String, nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("use_by", UTCDateTime, nullable=True),
+    Column("consumed_at", UTCDateTime, nullable=True),
+    # Also the index of every lookup by (task, action digest): request and consume.
+    UniqueConstraint("task_id", "action_digest", "open_slot"),
+    CheckConstraint(
+        "(state IN ('pending', 'approved') AND open_slot = 1)"
+        " OR (state IN ('denied', 'expired', 'consumed') AND open_slot IS NULL)",
+        name="open_slot",
+    ),
+    CheckConstraint("required >= 1 AND approvals >= 0", name="counts"),
+    # list_approvals(state=...) newest first, and the expiry sweep.
+    Index(None, "state", "created_at"),
+)
+
+approval_votes = Table(
+    "approval_votes",
+    metadata,
+    # The primary key is the rule "one approver votes once on one approval".
+    Column("approval_id", String, ForeignKey("approvals.id"), primary_key=True),
+    Column("approver", String, primary_key=True),
+    Column("approve", Boolean, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("voted_at", UTCDateTime, nullable=False),
+)

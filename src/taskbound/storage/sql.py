@@ -31,7 +31,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -56,10 +56,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Select
 
+from taskbound.core.approvals import cast_vote, due_to_expire
 from taskbound.core.model import (
     AdminToken,
     Agent,
     AgentState,
+    Approval,
+    ApprovalState,
+    ApprovalVote,
     AuditEvent,
     CredentialRecord,
     KeyPurpose,
@@ -72,7 +76,14 @@ from taskbound.core.model import (
     TaskState,
     Tool,
 )
-from taskbound.errors import Conflict, NotFound, ReferenceError_, StorageError, TaskboundError
+from taskbound.errors import (
+    ApprovalExpired,
+    Conflict,
+    NotFound,
+    ReferenceError_,
+    StorageError,
+    TaskboundError,
+)
 from taskbound.storage import codec
 from taskbound.storage import schema as t
 from taskbound.storage.base import GrantInputs
@@ -87,6 +98,8 @@ _BEGIN_OPTION = "taskbound_sqlite_begin"
 _ID_CHUNK = 500
 
 _ACTIVE = TaskState.ACTIVE.value
+_PENDING = ApprovalState.PENDING.value
+_APPROVED = ApprovalState.APPROVED.value
 _AUDIT_INSERT = t.audit_events.insert().returning(
     t.audit_events.c.seq, sort_by_parameter_order=True
 )
@@ -274,13 +287,16 @@ class SqlStorage:
             if bool(was) != owner.disabled:
                 log.append(codec.owner_entry(owner, now, cause, reason))
             if owner.disabled:
+                why = reason or codec.OWNER_DISABLED_REASON
                 log += await self._revoke_tasks(
-                    conn,
-                    t.tasks.c.owner_id == owner.id,
-                    reason or codec.OWNER_DISABLED_REASON,
-                    now,
-                    cause,
+                    conn, t.tasks.c.owner_id == owner.id, why, now, cause
                 )
+                # Credentials delegated to the owner's agents within other tasks, and theirs.
+                c = t.credentials.c
+                theirs = select(t.agents.c.spiffe_id).where(t.agents.c.owner_id == owner.id)
+                held = c.agent_id.in_(theirs) & (c.expires_at > now)
+                revoked = await self._revoke_tree(conn, held, why, now)
+                log += [codec.credential_entry(r, now, cause, why) for r in revoked]
             await self._log(conn, log)
 
     async def get_owner(self, owner_id: str) -> Owner | None:
@@ -740,8 +756,20 @@ class SqlStorage:
             .from_select([col.name for col in t.credentials.columns], from_live_task)
             .execution_options(preserve_rowcount=True)
         )
+        # The delegate must be active and its owner enabled at the moment of insertion: FOR
+        # SHARE makes a concurrent suspension wait for this insert (and then revoke the new
+        # credential too), or this insert see the suspension.
+        standing = (
+            select(t.agents.c.state, t.owners.c.disabled)
+            .select_from(t.agents.join(t.owners, t.owners.c.id == t.agents.c.owner_id))
+            .where(t.agents.c.spiffe_id == credential.agent_id)
+            .with_for_update(read=True)
+        )
         try:
             async with self._transaction(write=True) as conn:
+                found = (await conn.execute(standing)).first()
+                if found is None or found.state != AgentState.ACTIVE.value or found.disabled:
+                    return False
                 if (await conn.execute(count)).first() is None:
                     return False
                 if (await conn.execute(insert)).rowcount != 1:
@@ -1097,3 +1125,196 @@ class SqlStorage:
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.audit_from(r) for r in rows]
+
+    # --- approvals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _approvals_due(now: datetime) -> ColumnElement[bool]:
+        """Open approvals past their time: pending past expires_at, approved past use_by."""
+        a = t.approvals.c
+        return ((a.state == _PENDING) & (a.expires_at <= now)) | (
+            (a.state == _APPROVED) & (a.use_by <= now)
+        )
+
+    async def request_approval(self, approval: Approval) -> Approval:
+        codec.check_new_approval(approval)
+        row = codec.approval_row(approval)
+        now = row["created_at"]
+        a = t.approvals.c
+        same = (
+            (a.task_id == approval.task_id)
+            & (a.action_digest == approval.action_digest)
+            & (a.open_slot == codec.OPEN_SLOT)
+        )
+        expire = (
+            update(t.approvals)
+            .where(same, self._approvals_due(now))
+            .values(state=ApprovalState.EXPIRED.value, open_slot=None)
+        )
+        # A concurrent request for the same (task, digest) waits on the unique constraint
+        # (PostgreSQL) or on the write lock (SQLite), then inserts nothing and reads the
+        # winner's row below.
+        insert = (
+            self._insert(t.approvals)
+            .values(row)
+            .on_conflict_do_nothing(index_elements=[a.task_id, a.action_digest, a.open_slot])
+        )
+        async with self._transaction(write=True) as conn:
+            await conn.execute(expire)
+            await conn.execute(insert)
+            found = (await conn.execute(select(t.approvals).where(same))).mappings().first()
+        if found is None:
+            raise TaskboundError(internal="approvals: no open approval right after inserting one")
+        return codec.approval_from(found)
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        if codec.has_nul(approval_id):
+            return None
+        async with self._transaction() as conn:
+            row = (
+                (await conn.execute(select(t.approvals).where(t.approvals.c.id == approval_id)))
+                .mappings()
+                .first()
+            )
+        return None if row is None else codec.approval_from(row)
+
+    async def list_approvals(
+        self,
+        *,
+        state: ApprovalState | None = None,
+        task_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Approval]:
+        codec.check_approval_query(limit)
+        if codec.has_nul(task_id):
+            return []
+        a = t.approvals.c
+        query = (
+            select(t.approvals).order_by(a.created_at.desc(), self._text_order(a.id)).limit(limit)
+        )
+        if state is not None:
+            query = query.where(a.state == ApprovalState(state).value)
+        if task_id is not None:
+            query = query.where(a.task_id == task_id)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [codec.approval_from(r) for r in rows]
+
+    async def list_approval_votes(self, approval_id: str) -> list[ApprovalVote]:
+        if codec.has_nul(approval_id):
+            return []
+        v = t.approval_votes.c
+        query = (
+            select(t.approval_votes)
+            .where(v.approval_id == approval_id)
+            .order_by(v.voted_at, self._text_order(v.approver))
+        )
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [codec.vote_from(r) for r in rows]
+
+    async def vote_approval(
+        self,
+        approval_id: str,
+        approver: str,
+        approve: bool,
+        reason: str | None,
+        now: datetime,
+        use_ttl: timedelta,
+    ) -> Approval:
+        now = codec.utc(now)
+        if codec.has_nul(approval_id):
+            raise NotFound(internal="approvals: no such row")
+        vote = codec.vote_row(ApprovalVote(approval_id, approver, approve, reason, now))
+        a, v = t.approvals.c, t.approval_votes.c
+        expired: ApprovalExpired | None = None
+        async with self._transaction(write=True) as conn:
+            # The row lock (PostgreSQL; SQLite's writers are serialised) makes concurrent
+            # votes on one approval apply one after the other, each seeing the last.
+            row = (
+                (
+                    await conn.execute(
+                        select(t.approvals).where(a.id == approval_id).with_for_update()
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(internal=f"approvals: no row {approval_id!r}")
+            current = codec.approval_from(row)
+            voted = set(
+                (
+                    await conn.execute(select(v.approver).where(v.approval_id == approval_id))
+                ).scalars()
+            )
+            try:
+                new = cast_vote(
+                    current,
+                    approver=approver,
+                    approve=approve,
+                    reason=reason,
+                    now=now,
+                    use_ttl=use_ttl,
+                    voted=voted,
+                )
+            except ApprovalExpired as exc:
+                # Recorded, and kept: the refusal is raised once this commits.
+                expired = exc
+                if due_to_expire(current, now):
+                    await conn.execute(
+                        update(t.approvals)
+                        .where(a.id == approval_id, a.state == current.state.value)
+                        .values(state=ApprovalState.EXPIRED.value, open_slot=None)
+                    )
+            else:
+                await conn.execute(t.approval_votes.insert().values(vote))
+                changed = await conn.execute(
+                    update(t.approvals)
+                    .where(
+                        a.id == approval_id, a.state == _PENDING, a.approvals == current.approvals
+                    )
+                    .values(codec.approval_changes(new))
+                    .execution_options(preserve_rowcount=True)
+                )
+                if changed.rowcount != 1:
+                    raise Conflict(internal=f"approval {approval_id} changed concurrently")
+        if expired is not None:
+            raise expired
+        return new
+
+    async def consume_approval(
+        self, task_id: str, action_digest: str, now: datetime
+    ) -> Approval | None:
+        now = codec.utc(now)
+        if codec.has_nul(task_id, action_digest):
+            return None
+        a = t.approvals.c
+        # One conditional UPDATE: PostgreSQL re-checks the WHERE on the locked row after
+        # any wait, and SQLite runs writers one at a time, so exactly one consumer wins.
+        consume = (
+            update(t.approvals)
+            .where(
+                a.task_id == task_id,
+                a.action_digest == action_digest,
+                a.state == _APPROVED,
+                a.use_by > now,
+            )
+            .values(state=ApprovalState.CONSUMED.value, open_slot=None, consumed_at=now)
+            .returning(*t.approvals.c)
+        )
+        async with self._transaction(write=True) as conn:
+            row = (await conn.execute(consume)).mappings().first()
+        return None if row is None else codec.approval_from(row)
+
+    async def expire_approvals(self, now: datetime) -> int:
+        now = codec.utc(now)
+        expire = (
+            update(t.approvals)
+            .where(self._approvals_due(now))
+            .values(state=ApprovalState.EXPIRED.value, open_slot=None)
+            .execution_options(preserve_rowcount=True)
+        )
+        async with self._transaction(write=True) as conn:
+            changed = (await conn.execute(expire)).rowcount
+        return int(changed)
