@@ -269,7 +269,6 @@ class Broker:
     def _mint(
         self, task: Task, grant: ScopeGrant, now: datetime, audience: str
     ) -> IssuedCredential:
-        signer = self._keys.signer(KeyPurpose.CREDENTIALS)
         expires = min(task.expires_at, now + self._cred_cap)
         claims = CredentialClaims(
             issuer=self._settings.issuer,
@@ -292,23 +291,30 @@ class Broker:
             txn=task.id,
             may_act=task.may_act,
         )
+        return self._sign(claims)
+
+    def _sign(self, claims: CredentialClaims) -> IssuedCredential:
+        """Sign ``claims`` with the active credentials key, and the record kept of it."""
+        signer = self._keys.signer(KeyPurpose.CREDENTIALS)
         token = mint_credential(claims, signer)
         if len(token) > MAX_CREDENTIAL_LENGTH:
             # Every verifier caps token length; never issue what cannot be verified.
             raise InvalidRequest("the task's intent is too large to fit in a credential")
         record = CredentialRecord(
             jti=claims.jti,
-            task_id=task.id,
-            agent_id=task.agent_id,
-            tool=grant.tool,
-            tier=grant.tier,
-            actions=grant.actions,
-            jkt=task.jkt,
+            task_id=claims.task_id,
+            agent_id=claims.holder,
+            tool=claims.tool,
+            tier=claims.tier,
+            actions=claims.actions,
+            jkt=claims.jkt,
             kid=signer.kid,
-            issued_at=now,
-            expires_at=expires,
+            issued_at=claims.issued_at,
+            expires_at=claims.expires_at,
+            parent_jti=claims.parents[0] if claims.parents else None,
         )
-        return IssuedCredential(token, record, max(0, to_epoch(expires) - to_epoch(now)))
+        span = to_epoch(claims.expires_at) - to_epoch(claims.issued_at)
+        return IssuedCredential(token, record, max(0, span))
 
     async def _own_task(self, caller: AgentCaller, task_id: str) -> Task:
         """The task, if this caller is its agent holding its DPoP key; otherwise not found
@@ -609,7 +615,6 @@ class Broker:
             f"dpop:{proof.jkt}:{proof.jti}", proof.issued_at + self._iat_window + self._leeway, now
         ):
             raise ExchangeRefused("invalid_dpop_proof", "a DPoP proof was used before")
-        signer = self._keys.signer(KeyPurpose.CREDENTIALS)
         expires = min(parent.expires_at, now + self._cred_cap)
         claims = CredentialClaims(
             issuer=self._settings.issuer,
@@ -635,24 +640,14 @@ class Broker:
             # in the chain, so the child can be delegated no further.
             may_act=parent.may_act,
         )
-        token = mint_credential(claims, signer)
-        if len(token) > MAX_CREDENTIAL_LENGTH:
-            raise ExchangeRefused("invalid_request", "the delegated credential would be too large")
-        child_record = CredentialRecord(
-            jti=claims.jti,
-            task_id=parent.task_id,
-            agent_id=actor.spiffe_id,
-            tool=parent.tool,
-            tier=parent.tier,
-            actions=actions,
-            jkt=proof.jkt,
-            kid=signer.kid,
-            issued_at=now,
-            expires_at=expires,
-            parent_jti=parent.jti,
-        )
+        try:
+            issued = self._sign(claims)
+        except InvalidRequest:
+            raise ExchangeRefused(
+                "invalid_request", "the delegated credential would be too large"
+            ) from None
         if not await self._storage.add_derived_credential(
-            child_record, now, single_use=cfg.single_use
+            issued.record, now, single_use=cfg.single_use
         ):
             raise ExchangeRefused(
                 "invalid_grant" if cfg.single_use and record.live_at(now) else "invalid_request",
@@ -670,7 +665,6 @@ class Broker:
                 "actions": list(actions),
             },
         )
-        issued = IssuedCredential(token, child_record, max(0, to_epoch(expires) - to_epoch(now)))
         return Exchanged(issued, claims, tuple(decision.determined_by))
 
     # --- RFC 7662 / RFC 7009 -----------------------------------------------------------

@@ -691,12 +691,12 @@ class SqlStorage:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.task_from(r) for r in rows]
 
-    async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
+    @staticmethod
+    def _insert_while_task_live(credential: CredentialRecord, now: datetime) -> Insert:
+        """One statement: the credential's values, selected from its task's row only while
+        that task is live. FOR SHARE (PostgreSQL; SQLite's writers are serialised anyway)
+        makes a concurrent end_task wait for this insert, or this insert see its result."""
         row = codec.credential_row(credential)
-        now = codec.utc(now)
-        # One statement: the credential's values, selected from its task's row only while
-        # that task is live. FOR SHARE (PostgreSQL; SQLite's writers are serialised anyway)
-        # makes a concurrent end_task wait for this insert, or this insert see its result.
         from_live_task = (
             select(*(literal(row[c.name], c.type) for c in t.credentials.columns))
             .select_from(t.tasks)
@@ -707,12 +707,15 @@ class SqlStorage:
             )
             .with_for_update(read=True)
         )
-        statement = (
+        return (
             t.credentials.insert()
             .from_select([c.name for c in t.credentials.columns], from_live_task)
             # SQLAlchemy keeps the rowcount of UPDATE and DELETE only, unless asked.
             .execution_options(preserve_rowcount=True)
         )
+
+    async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
+        statement = self._insert_while_task_live(credential, codec.utc(now))
         async with self._transaction(write=True) as conn:
             result = await conn.execute(statement)
             changed = result.rowcount
@@ -724,8 +727,8 @@ class SqlStorage:
         parent = credential.parent_jti
         if parent is None:
             raise ValueError("a derived credential needs a parent_jti")
-        row = codec.credential_row(credential)
         now = codec.utc(now)
+        insert = self._insert_while_task_live(credential, now)
         if codec.has_nul(parent):
             return False
         c = t.credentials.c
@@ -741,21 +744,6 @@ class SqlStorage:
         )
         if single_use:
             count = count.where(c.exchange_count == 0)
-        from_live_task = (
-            select(*(literal(row[col.name], col.type) for col in t.credentials.columns))
-            .select_from(t.tasks)
-            .where(
-                t.tasks.c.id == credential.task_id,
-                t.tasks.c.state == _ACTIVE,
-                t.tasks.c.expires_at > now,
-            )
-            .with_for_update(read=True)
-        )
-        insert = (
-            t.credentials.insert()
-            .from_select([col.name for col in t.credentials.columns], from_live_task)
-            .execution_options(preserve_rowcount=True)
-        )
         # The delegate must be active and its owner enabled at the moment of insertion: FOR
         # SHARE makes a concurrent suspension wait for this insert (and then revoke the new
         # credential too), or this insert see the suspension.
