@@ -238,3 +238,45 @@ class DecryptionFailed(TaskboundError):
     code = "decryption_failed"
     status = 500
     default_detail = "a secret could not be decrypted with the configured key-encryption key"
+
+
+# --- break-glass exceptions (the codes of taskbound.core.breakglass.BreakGlassRefused) ---
+
+
+class RoleRequired(Forbidden):
+    """The person acting lacks the role the operation needs (admin, reviewer, approver),
+    or is not a known, enabled owner."""
+
+    code = "role_required"
+    default_detail = "this person does not have the role this needs"
+
+
+_BREAKGLASS_BASES: dict[str, type[TaskboundError]] = {
+    "justification_required": InvalidRequest,
+    "justification_too_short": InvalidRequest,
+    "no_scopes": InvalidRequest,
+    "too_many_scopes": InvalidRequest,
+    "already_in_ceiling": InvalidRequest,
+    "expiry_in_past": InvalidRequest,
+    "expiry_too_long": InvalidRequest,
+    "review_note_required": InvalidRequest,
+    "already_ended": Conflict,
+    "not_ended": Conflict,
+    "already_reviewed": Conflict,
+    "self_review_not_allowed": Forbidden,
+}
+
+#: One error class per break-glass refusal code, so every refusal keeps its stable code.
+BREAKGLASS_ERRORS: dict[str, type[TaskboundError]] = {
+    code: type(f"BreakGlass_{code}", (base,), {"code": code})
+    for code, base in _BREAKGLASS_BASES.items()
+}
+
+
+class InvalidSignature(TaskboundError):
+    """A signed request (a webhook acknowledgement) whose HMAC signature is missing, wrong,
+    stale or replayed."""
+
+    code = "invalid_signature"
+    status = 401
+    default_detail = "the request's signature is not valid"

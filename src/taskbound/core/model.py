@@ -166,6 +166,8 @@ class ScopeGrant:
     tool: str
     tier: Tier
     actions: tuple[str, ...]
+    # The break-glass exception this grant relies on (beyond the agent's own ceiling).
+    exception: str | None = None
 
     @property
     def scope(self) -> Scope:
@@ -232,6 +234,8 @@ class CredentialRecord:
     revoked_at: datetime | None = None
     revoke_reason: str | None = None
     parent_jti: str | None = None
+    # The break-glass exception the credential relies on; ending it early revokes it.
+    exception_id: str | None = None
 
     def live_at(self, now: datetime) -> bool:
         return self.revoked_at is None and now < self.expires_at
@@ -298,6 +302,7 @@ class AuditEvent:
     upstream_status: int | None = None
     detail: str | None = None  # internal reason, never a secret
     txn: str | None = None  # the transaction id of the task's delegation chain
+    exception_id: str | None = None  # the break-glass exception the event relied on
 
 
 class RevocationKind(StrEnum):
@@ -400,3 +405,16 @@ class ApprovalVote:
     approve: bool
     reason: str | None
     voted_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UiSession:
+    """A person's signed-in session of the web UI, kept server-side: the cookie holds a
+    random value whose SHA-256 is ``id_hash``; ``csrf`` is the session's anti-forgery token."""
+
+    id_hash: str
+    owner_id: str
+    method: str  # "password" | "oidc"
+    csrf: str
+    created_at: datetime
+    expires_at: datetime

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
     AdminToken,
     Agent,
@@ -35,6 +36,7 @@ from taskbound.core.model import (
     TaskFilter,
     TaskState,
     Tool,
+    UiSession,
 )
 
 
@@ -294,10 +296,15 @@ class AuditStore(Protocol):
         limit: int = 100,
         task: str | None = None,
         agent: str | None = None,
+        owner: str | None = None,
+        decision: str | None = None,
+        exception: str | None = None,
+        descending: bool = False,
     ) -> list[tuple[int, AuditEvent]]:
-        """``(seq, event)`` pairs with ``seq > after``, ascending, at most ``limit`` of them,
-        only those of ``task`` and/or ``agent`` when given. A negative ``after`` or
-        ``limit`` is a ``ValueError``."""
+        """``(seq, event)`` pairs with ``seq > after``, ascending (``descending``: the
+        newest first, and ``after`` is ignored), at most ``limit`` of them, only those
+        matching every filter given (``exception``: the break-glass exception relied on).
+        A negative ``after`` or ``limit`` is a ``ValueError``."""
         ...
 
 
@@ -366,6 +373,79 @@ class ApprovalStore(Protocol):
         ...
 
 
+class BreakGlassStore(Protocol):
+    """Break-glass exceptions (DESIGN.md §3 flow 9): their grant, early end and review.
+
+    The transitions are those of :mod:`taskbound.core.breakglass`, applied under the row's
+    lock so that concurrent ends or reviews of one exception apply once. Lists are newest
+    ``created_at`` first, then by id.
+    """
+
+    async def create_breakglass(self, bg: BreakGlass) -> None:
+        """Store a new exception. ReferenceError_ for an unknown agent, Conflict for a
+        duplicate id, ValueError for one already ended or reviewed."""
+        ...
+
+    async def get_breakglass(self, bg_id: str) -> BreakGlass | None: ...
+
+    async def list_breakglass(
+        self,
+        *,
+        now: datetime,
+        state: str | None = None,
+        agent_id: str | None = None,
+        limit: int = 100,
+    ) -> list[BreakGlass]:
+        """Exceptions in ``state`` at ``now`` (``active``: relied on now; ``review``: ended
+        and not reviewed; ``reviewed``; all when None) and of ``agent_id`` (any when None),
+        newest first, at most ``limit``. ValueError for another state or limit < 1."""
+        ...
+
+    async def end_breakglass(
+        self, bg_id: str, by: str, now: datetime, *, reason: str
+    ) -> tuple[BreakGlass, int]:
+        """End an active exception early (:func:`taskbound.core.breakglass.end`) and, in
+        the same transaction, revoke every live credential relying on it (and what was
+        derived from them), logged with cause ``breakglass``. Returns the exception and
+        how many credentials were revoked. NotFound; BreakGlassRefused as the core says."""
+        ...
+
+    async def review_breakglass(
+        self, bg_id: str, reviewer: str, note: str, now: datetime
+    ) -> BreakGlass:
+        """Sign off an ended exception (:func:`taskbound.core.breakglass.review`); of
+        concurrent reviews one wins, the others get ``already_reviewed``. NotFound;
+        BreakGlassRefused as the core says."""
+        ...
+
+    async def count_overdue_breakglass(self, now: datetime, review_within: timedelta) -> int:
+        """How many exceptions wait for review longer than ``review_within``."""
+        ...
+
+
+class UiStore(Protocol):
+    """The web UI's sign-in: local passwords (hashes only) and server-side sessions."""
+
+    async def set_owner_password(self, owner_id: str, password_hash: str, now: datetime) -> None:
+        """Set (or replace) an owner's password hash; their sessions end (signed out
+        everywhere). ReferenceError_ for an unknown owner."""
+        ...
+
+    async def get_owner_password(self, owner_id: str) -> str | None: ...
+
+    async def create_session(self, session: UiSession) -> None: ...
+
+    async def get_session(self, id_hash: str, now: datetime) -> UiSession | None:
+        """The session with this id hash if it has not expired at ``now``."""
+        ...
+
+    async def delete_session(self, id_hash: str) -> None: ...
+
+    async def prune_sessions(self, now: datetime) -> int:
+        """Delete expired sessions; how many."""
+        ...
+
+
 @runtime_checkable
 class Storage(
     RegistryStore,
@@ -375,6 +455,8 @@ class Storage(
     AdminTokenStore,
     AuditStore,
     ApprovalStore,
+    BreakGlassStore,
+    UiStore,
     Protocol,
 ):
     """Everything the broker stores. One object per process, shared by all requests."""

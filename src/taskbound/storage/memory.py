@@ -17,7 +17,9 @@ from typing import TypeVar
 
 from sqlalchemy import JSON, Table
 
+from taskbound.core import breakglass
 from taskbound.core.approvals import cast_vote, due_to_expire
+from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
     AdminToken,
     Agent,
@@ -36,8 +38,15 @@ from taskbound.core.model import (
     TaskFilter,
     TaskState,
     Tool,
+    UiSession,
 )
-from taskbound.errors import ApprovalExpired, Conflict, NotFound, ReferenceError_
+from taskbound.errors import (
+    BREAKGLASS_ERRORS,
+    ApprovalExpired,
+    Conflict,
+    NotFound,
+    ReferenceError_,
+)
 from taskbound.storage import codec, schema
 from taskbound.storage.base import GrantInputs
 from taskbound.storage.codec import Row
@@ -123,6 +132,9 @@ class MemoryStorage:
         self._approvals = _Table(schema.approvals)
         # Keyed by approval id, NUL, approver (no stored text holds a NUL).
         self._votes = _Table(schema.approval_votes)
+        self._breakglass = _Table(schema.breakglass)
+        self._passwords = _Table(schema.owner_passwords)
+        self._sessions = _Table(schema.ui_sessions)
 
     async def check(self) -> None:
         """Always healthy: there is no backend to lose."""
@@ -413,6 +425,7 @@ class MemoryStorage:
         assert owner is not None
         if agent["state"] != AgentState.ACTIVE.value or owner["disabled"]:
             return False
+        self._require_exceptions(credentials, codec.utc(task.created_at))
         self._tasks.insert(task.id, row)
         for cred in creds:
             self._credentials.insert(cred["jti"], cred)
@@ -442,11 +455,28 @@ class MemoryStorage:
         row = self._credentials.encode(codec.credential_row(credential))
         now = codec.utc(now)
         task = self._tasks.get(credential.task_id)
+        self._require_exceptions([credential], now)
         if task is None or task["state"] != TaskState.ACTIVE.value or now >= task["expires_at"]:
             return False
         _require_new(self._credentials, credential.jti)
         self._credentials.insert(credential.jti, row)
         return True
+
+    def _exceptions_hold(self, credentials: Sequence[CredentialRecord], now: datetime) -> bool:
+        """Whether every break-glass exception these credentials rely on is in force."""
+        for cred in credentials:
+            if cred.exception_id is None:
+                continue
+            row = self._breakglass.get(cred.exception_id)
+            if row is None or not codec.breakglass_from(row).active_at(now):
+                return False
+        return True
+
+    def _require_exceptions(self, credentials: Sequence[CredentialRecord], now: datetime) -> None:
+        if not self._exceptions_hold(credentials, now):
+            raise BREAKGLASS_ERRORS["already_ended"](
+                "the break-glass exception ended while the grant was decided"
+            )
 
     async def add_derived_credential(
         self, credential: CredentialRecord, now: datetime, *, single_use: bool
@@ -475,6 +505,7 @@ class MemoryStorage:
             or task is None
             or task["state"] != TaskState.ACTIVE.value
             or now >= task["expires_at"]
+            or not self._exceptions_hold([credential], now)
         ):
             return False
         _require_new(self._credentials, credential.jti)
@@ -685,15 +716,26 @@ class MemoryStorage:
         limit: int = 100,
         task: str | None = None,
         agent: str | None = None,
+        owner: str | None = None,
+        decision: str | None = None,
+        exception: str | None = None,
+        descending: bool = False,
     ) -> list[tuple[int, AuditEvent]]:
         codec.check_audit_query(after, limit)
+        wanted = {
+            "task": task,
+            "agent": agent,
+            "owner": owner,
+            "decision": decision,
+            "exception_id": exception,
+        }
         rows = [
             r
             for _, r in self._audit.rows()
-            if r["seq"] > after
-            and (task is None or r["task"] == task)
-            and (agent is None or r["agent"] == agent)
+            if (descending or r["seq"] > after)
+            and all(v is None or r[k] == v for k, v in wanted.items())
         ]
+        rows.sort(key=lambda r: r["seq"], reverse=descending)
         return _decoded(self._audit, rows[:limit], codec.audit_from)
 
     # --- approvals -------------------------------------------------------------------------
@@ -829,8 +871,131 @@ class MemoryStorage:
             self._expire(approval)
         return len(due)
 
+    # The rules the SQL schema enforces with constraints, as checks run before any change.
 
-# The rules the SQL schema enforces with constraints, as checks run before any change.
+    # --- break-glass exceptions -----------------------------------------------------------
+
+    async def create_breakglass(self, bg: BreakGlass) -> None:
+        codec.check_new_breakglass(bg)
+        row = self._breakglass.encode(codec.breakglass_row(bg))
+        _require_reference(self._agents, bg.agent_id)
+        _require_new(self._breakglass, bg.id)
+        self._breakglass.insert(bg.id, row)
+
+    async def get_breakglass(self, bg_id: str) -> BreakGlass | None:
+        row = self._breakglass.get(bg_id)  # decoded already
+        return None if row is None else codec.breakglass_from(row)
+
+    async def list_breakglass(
+        self,
+        *,
+        now: datetime,
+        state: str | None = None,
+        agent_id: str | None = None,
+        limit: int = 100,
+    ) -> list[BreakGlass]:
+        codec.check_breakglass_query(state, limit)
+        now = codec.utc(now)
+        found = [
+            codec.breakglass_from(self._breakglass.decode(r))
+            for _, r in self._breakglass.rows()
+            if agent_id is None or r["agent_id"] == agent_id
+        ]
+        found = [bg for bg in found if _breakglass_in(bg, state, now)]
+        found.sort(key=lambda bg: (_Descending(bg.created_at), bg.id))
+        return found[:limit]
+
+    async def end_breakglass(
+        self, bg_id: str, by: str, now: datetime, *, reason: str
+    ) -> tuple[BreakGlass, int]:
+        codec.check_text(by=by, reason=reason)
+        now = codec.utc(now)
+        current = await self.get_breakglass(bg_id)
+        if current is None:
+            raise NotFound(internal=f"breakglass: no row {bg_id!r}")
+        ended = breakglass.end(current, by=by, now=now)
+        row = self._breakglass.encode(codec.breakglass_row(ended))
+        roots = [
+            jti
+            for jti, r in self._credentials.rows()
+            if r["exception_id"] == bg_id and r["revoked_at"] is None and r["expires_at"] > now
+        ]
+        self._breakglass.update(bg_id, row)
+        revoked = self._revoke_tree(roots, reason, now)
+        self._log([codec.credential_entry(r, now, "breakglass", reason) for r in revoked])
+        return ended, len(revoked)
+
+    async def review_breakglass(
+        self, bg_id: str, reviewer: str, note: str, now: datetime
+    ) -> BreakGlass:
+        codec.check_text(reviewer=reviewer, note=note)
+        now = codec.utc(now)
+        current = await self.get_breakglass(bg_id)
+        if current is None:
+            raise NotFound(internal=f"breakglass: no row {bg_id!r}")
+        reviewed = breakglass.review(current, reviewer=reviewer, note=note, now=now)
+        self._breakglass.update(bg_id, self._breakglass.encode(codec.breakglass_row(reviewed)))
+        return reviewed
+
+    async def count_overdue_breakglass(self, now: datetime, review_within: timedelta) -> int:
+        now = codec.utc(now)
+        return sum(
+            1
+            for _, r in self._breakglass.rows()
+            if codec.breakglass_from(self._breakglass.decode(r)).overdue(now, review_within)
+        )
+
+    # --- web UI sign-in -------------------------------------------------------------------
+
+    async def set_owner_password(self, owner_id: str, password_hash: str, now: datetime) -> None:
+        codec.check_text(owner_id=owner_id, password_hash=password_hash)
+        _require_reference(self._owners, owner_id)
+        row = {"owner_id": owner_id, "password_hash": password_hash, "updated_at": codec.utc(now)}
+        if owner_id in self._passwords:
+            self._passwords.update(owner_id, row)
+        else:
+            self._passwords.insert(owner_id, row)
+        for key, r in self._sessions.rows():
+            if r["owner_id"] == owner_id:
+                self._sessions.delete(key)
+
+    async def get_owner_password(self, owner_id: str) -> str | None:
+        row = self._passwords.get(owner_id)
+        return None if row is None else str(row["password_hash"])
+
+    async def create_session(self, session: UiSession) -> None:
+        row = self._sessions.encode(codec.session_row(session))
+        _require_reference(self._owners, session.owner_id)
+        _require_new(self._sessions, session.id_hash)
+        self._sessions.insert(session.id_hash, row)
+
+    async def get_session(self, id_hash: str, now: datetime) -> UiSession | None:
+        row = self._sessions.get(id_hash)
+        if row is None or row["expires_at"] <= codec.utc(now):
+            return None
+        return codec.session_from(row)
+
+    async def delete_session(self, id_hash: str) -> None:
+        if id_hash in self._sessions:
+            self._sessions.delete(id_hash)
+
+    async def prune_sessions(self, now: datetime) -> int:
+        now = codec.utc(now)
+        due = [k for k, r in self._sessions.rows() if r["expires_at"] <= now]
+        for key in due:
+            self._sessions.delete(key)
+        return len(due)
+
+
+def _breakglass_in(bg: BreakGlass, state: str | None, now: datetime) -> bool:
+    """Whether ``bg`` is in the ``list_breakglass`` state at ``now`` (any when None)."""
+    if state == "active":
+        return bg.active_at(now)
+    if state == "review":
+        return bg.needs_review(now)
+    if state == "reviewed":
+        return bg.reviewed_at is not None
+    return True
 
 
 def _require_new(table: _Table, key: str) -> None:

@@ -166,9 +166,13 @@ credentials = Table(
     Column("parent_jti", String, nullable=True),
     # How many credentials were derived from this one by token exchange (single use).
     Column("exchange_count", Integer, nullable=False, server_default="0"),
-    # The revocation cascade walks parent -> children; a key withdrawal finds what it signed.
+    # The break-glass exception the credential relies on.
+    Column("exception_id", String, nullable=True),
+    # The revocation cascade walks parent -> children; a key withdrawal finds what it signed;
+    # the early end of an exception finds what relies on it.
     Index(None, "parent_jti"),
     Index(None, "kid"),
+    Index(None, "exception_id"),
 )
 
 signing_keys = Table(
@@ -225,9 +229,12 @@ audit_events = Table(
     Column("detail", Text, nullable=True),
     # The transaction id shared by every record of one delegation chain.
     Column("txn", String, nullable=True),
-    # list_audit(task=...) / (agent=...) read a range of one of these in seq order.
+    # The break-glass exception the event relied on (flagged in the audit, issue 7).
+    Column("exception_id", String, nullable=True),
+    # list_audit(task=...) / (agent=...) / (exception=...) read a range in seq order.
     Index(None, "task", "seq"),
     Index(None, "agent", "seq"),
+    Index(None, "exception_id", "seq"),
     sqlite_autoincrement=True,
 )
 
@@ -309,4 +316,52 @@ approval_votes = Table(
     Column("approve", Boolean, nullable=False),
     Column("reason", Text, nullable=True),
     Column("voted_at", UTCDateTime, nullable=False),
+)
+
+breakglass = Table(
+    "breakglass",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("agent_id", String, ForeignKey("agents.spiffe_id"), nullable=False),
+    # The (tool, tier) scopes it adds beyond the agent's ceiling.
+    Column("scopes", JSON, nullable=False),
+    Column("justification", Text, nullable=False),
+    Column("granted_by", String, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("ended_at", UTCDateTime, nullable=True),
+    Column("ended_by", String, nullable=True),
+    Column("reviewed_by", String, nullable=True),
+    Column("reviewed_at", UTCDateTime, nullable=True),
+    Column("review_note", Text, nullable=True),
+    CheckConstraint("expires_at > created_at", name="window"),
+    CheckConstraint(
+        "(reviewed_at IS NULL AND reviewed_by IS NULL)"
+        " OR (reviewed_at IS NOT NULL AND reviewed_by IS NOT NULL AND reviewed_by <> granted_by)",
+        name="review",
+    ),
+    # The active exceptions of one agent at task start; the review queue.
+    Index(None, "agent_id", "expires_at"),
+    Index(None, "reviewed_at", "expires_at"),
+)
+
+owner_passwords = Table(
+    "owner_passwords",
+    metadata,
+    # A local sign-in for the web UI (single-node use): an Argon2id hash, never the password.
+    Column("owner_id", String, ForeignKey("owners.id"), primary_key=True),
+    Column("password_hash", Text, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+ui_sessions = Table(
+    "ui_sessions",
+    metadata,
+    # The SHA-256 of the session cookie's value: a database reader cannot sign in with it.
+    Column("id_hash", String, primary_key=True),
+    Column("owner_id", String, ForeignKey("owners.id"), nullable=False, index=True),
+    Column("method", String, nullable=False),  # "password" | "oidc"
+    Column("csrf", String, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False, index=True),
 )

@@ -43,6 +43,7 @@ from sqlalchemy import (
     Table,
     case,
     create_engine,
+    delete,
     event,
     func,
     literal,
@@ -51,12 +52,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Select
 
+from taskbound.core import breakglass
 from taskbound.core.approvals import cast_vote, due_to_expire
+from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
     AdminToken,
     Agent,
@@ -75,8 +78,10 @@ from taskbound.core.model import (
     TaskFilter,
     TaskState,
     Tool,
+    UiSession,
 )
 from taskbound.errors import (
+    BREAKGLASS_ERRORS,
     ApprovalExpired,
     Conflict,
     NotFound,
@@ -659,6 +664,7 @@ class SqlStorage:
                 raise ReferenceError_(internal="tasks: unknown agent or owner")
             if found.state != AgentState.ACTIVE.value or found.disabled:
                 return False
+            await self._require_exceptions(conn, credentials, task.created_at)
             await conn.execute(t.tasks.insert().values(row))
             if cred_rows:
                 await conn.execute(t.credentials.insert(), cred_rows)
@@ -714,9 +720,43 @@ class SqlStorage:
             .execution_options(preserve_rowcount=True)
         )
 
+    @staticmethod
+    async def _exceptions_hold(
+        conn: AsyncConnection, credentials: Sequence[CredentialRecord], now: datetime
+    ) -> bool:
+        """Whether every break-glass exception these credentials rely on is in force at
+        ``now``. FOR SHARE (PostgreSQL; SQLite's writers are serialised) makes a concurrent
+        early end wait for this insert and then revoke the new credentials too, or this
+        insert see the end."""
+        wanted = sorted({c.exception_id for c in credentials if c.exception_id is not None})
+        if not wanted:
+            return True
+        b = t.breakglass.c
+        query = (
+            select(b.id)
+            .where(
+                b.id.in_(wanted),
+                b.created_at <= now,
+                b.expires_at > now,
+                b.ended_at.is_(None),
+            )
+            .with_for_update(read=True)
+        )
+        held = set((await conn.execute(query)).scalars())
+        return held == set(wanted)
+
+    async def _require_exceptions(
+        self, conn: AsyncConnection, credentials: Sequence[CredentialRecord], now: datetime
+    ) -> None:
+        if not await self._exceptions_hold(conn, credentials, now):
+            raise BREAKGLASS_ERRORS["already_ended"](
+                "the break-glass exception ended while the grant was decided"
+            )
+
     async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
         statement = self._insert_while_task_live(credential, codec.utc(now))
         async with self._transaction(write=True) as conn:
+            await self._require_exceptions(conn, [credential], codec.utc(now))
             result = await conn.execute(statement)
             changed = result.rowcount
         return changed == 1
@@ -757,6 +797,8 @@ class SqlStorage:
             async with self._transaction(write=True) as conn:
                 found = (await conn.execute(standing)).first()
                 if found is None or found.state != AgentState.ACTIVE.value or found.disabled:
+                    return False
+                if not await self._exceptions_hold(conn, [credential], now):
                     return False
                 if (await conn.execute(count)).first() is None:
                     return False
@@ -1100,16 +1142,29 @@ class SqlStorage:
         limit: int = 100,
         task: str | None = None,
         agent: str | None = None,
+        owner: str | None = None,
+        decision: str | None = None,
+        exception: str | None = None,
+        descending: bool = False,
     ) -> list[tuple[int, AuditEvent]]:
         codec.check_audit_query(after, limit)
-        if codec.has_nul(task, agent):
+        if codec.has_nul(task, agent, owner, decision, exception):
             return []
         c = t.audit_events.c
-        query = select(t.audit_events).where(c.seq > after).order_by(c.seq).limit(limit)
-        if task is not None:
-            query = query.where(c.task == task)
-        if agent is not None:
-            query = query.where(c.agent == agent)
+        query = select(t.audit_events).limit(limit)
+        if descending:
+            query = query.order_by(c.seq.desc())
+        else:
+            query = query.where(c.seq > after).order_by(c.seq)
+        for column, value in (
+            (c.task, task),
+            (c.agent, agent),
+            (c.owner, owner),
+            (c.decision, decision),
+            (c.exception_id, exception),
+        ):
+            if value is not None:
+                query = query.where(column == value)
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.audit_from(r) for r in rows]
@@ -1306,3 +1361,175 @@ class SqlStorage:
         async with self._transaction(write=True) as conn:
             changed = (await conn.execute(expire)).rowcount
         return int(changed)
+
+    # --- break-glass exceptions ------------------------------------------------------------
+
+    async def create_breakglass(self, bg: BreakGlass) -> None:
+        codec.check_new_breakglass(bg)
+        await self._execute_one(t.breakglass.insert(), codec.breakglass_row(bg))
+
+    async def get_breakglass(self, bg_id: str) -> BreakGlass | None:
+        if codec.has_nul(bg_id):
+            return None
+        async with self._transaction() as conn:
+            row = await self._breakglass_row(conn, bg_id)
+        return None if row is None else codec.breakglass_from(row)
+
+    @staticmethod
+    async def _breakglass_row(
+        conn: AsyncConnection, bg_id: str, *, lock: bool = False
+    ) -> RowMapping | None:
+        query = select(t.breakglass).where(t.breakglass.c.id == bg_id)
+        if lock:
+            query = query.with_for_update()
+        return (await conn.execute(query)).mappings().first()
+
+    @staticmethod
+    def _breakglass_ended_by(when: datetime) -> ColumnElement[bool]:
+        """Exceptions that ended (early or by their expiry) at or before ``when``."""
+        b = t.breakglass.c
+        return (b.expires_at <= when) | (b.ended_at.is_not(None) & (b.ended_at <= when))
+
+    async def list_breakglass(
+        self,
+        *,
+        now: datetime,
+        state: str | None = None,
+        agent_id: str | None = None,
+        limit: int = 100,
+    ) -> list[BreakGlass]:
+        codec.check_breakglass_query(state, limit)
+        now = codec.utc(now)
+        if codec.has_nul(agent_id):
+            return []
+        b = t.breakglass.c
+        query = (
+            select(t.breakglass).order_by(b.created_at.desc(), self._text_order(b.id)).limit(limit)
+        )
+        if agent_id is not None:
+            query = query.where(b.agent_id == agent_id)
+        if state == "active":
+            query = query.where(b.created_at <= now, ~self._breakglass_ended_by(now))
+        elif state == "review":
+            query = query.where(b.reviewed_at.is_(None), self._breakglass_ended_by(now))
+        elif state == "reviewed":
+            query = query.where(b.reviewed_at.is_not(None))
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [codec.breakglass_from(r) for r in rows]
+
+    async def end_breakglass(
+        self, bg_id: str, by: str, now: datetime, *, reason: str
+    ) -> tuple[BreakGlass, int]:
+        codec.check_text(by=by, reason=reason)
+        now = codec.utc(now)
+        if codec.has_nul(bg_id):
+            raise NotFound(internal="breakglass: no such row")
+        c = t.credentials.c
+        async with self._transaction(write=True) as conn:
+            # The row lock orders concurrent ends: the second sees the first's end.
+            row = await self._breakglass_row(conn, bg_id, lock=True)
+            if row is None:
+                raise NotFound(internal=f"breakglass: no row {bg_id!r}")
+            ended = breakglass.end(codec.breakglass_from(row), by=by, now=now)
+            await conn.execute(
+                update(t.breakglass)
+                .where(t.breakglass.c.id == bg_id)
+                .values(ended_at=ended.ended_at, ended_by=ended.ended_by)
+            )
+            revoked = await self._revoke_tree(
+                conn, (c.exception_id == bg_id) & (c.expires_at > now), reason, now
+            )
+            await self._log(
+                conn, [codec.credential_entry(r, now, "breakglass", reason) for r in revoked]
+            )
+        return ended, len(revoked)
+
+    async def review_breakglass(
+        self, bg_id: str, reviewer: str, note: str, now: datetime
+    ) -> BreakGlass:
+        codec.check_text(reviewer=reviewer, note=note)
+        now = codec.utc(now)
+        if codec.has_nul(bg_id):
+            raise NotFound(internal="breakglass: no such row")
+        async with self._transaction(write=True) as conn:
+            row = await self._breakglass_row(conn, bg_id, lock=True)
+            if row is None:
+                raise NotFound(internal=f"breakglass: no row {bg_id!r}")
+            reviewed = breakglass.review(
+                codec.breakglass_from(row), reviewer=reviewer, note=note, now=now
+            )
+            await conn.execute(
+                update(t.breakglass)
+                .where(t.breakglass.c.id == bg_id)
+                .values(
+                    reviewed_by=reviewed.reviewed_by,
+                    reviewed_at=reviewed.reviewed_at,
+                    review_note=reviewed.review_note,
+                )
+            )
+        return reviewed
+
+    async def count_overdue_breakglass(self, now: datetime, review_within: timedelta) -> int:
+        cutoff = codec.utc(now) - review_within
+        query = (
+            select(func.count())
+            .select_from(t.breakglass)
+            .where(t.breakglass.c.reviewed_at.is_(None), self._breakglass_ended_by(cutoff))
+        )
+        async with self._transaction() as conn:
+            return int(await conn.scalar(query) or 0)
+
+    # --- web UI sign-in --------------------------------------------------------------------
+
+    async def set_owner_password(self, owner_id: str, password_hash: str, now: datetime) -> None:
+        codec.check_text(owner_id=owner_id, password_hash=password_hash)
+        row = {"owner_id": owner_id, "password_hash": password_hash, "updated_at": codec.utc(now)}
+        p = t.owner_passwords.c
+        upsert = (
+            self._insert(t.owner_passwords)
+            .values(row)
+            .on_conflict_do_update(
+                index_elements=[p.owner_id],
+                set_={"password_hash": password_hash, "updated_at": row["updated_at"]},
+            )
+        )
+        async with self._transaction(write=True) as conn:
+            await conn.execute(upsert)
+            # A new password signs the person out everywhere.
+            await conn.execute(delete(t.ui_sessions).where(t.ui_sessions.c.owner_id == owner_id))
+
+    async def get_owner_password(self, owner_id: str) -> str | None:
+        if codec.has_nul(owner_id):
+            return None
+        p = t.owner_passwords.c
+        async with self._transaction() as conn:
+            found = await conn.scalar(select(p.password_hash).where(p.owner_id == owner_id))
+        return None if found is None else str(found)
+
+    async def create_session(self, session: UiSession) -> None:
+        await self._execute_one(t.ui_sessions.insert(), codec.session_row(session))
+
+    async def get_session(self, id_hash: str, now: datetime) -> UiSession | None:
+        if codec.has_nul(id_hash):
+            return None
+        u = t.ui_sessions.c
+        query = select(t.ui_sessions).where(u.id_hash == id_hash, u.expires_at > codec.utc(now))
+        async with self._transaction() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else codec.session_from(row)
+
+    async def delete_session(self, id_hash: str) -> None:
+        if codec.has_nul(id_hash):
+            return
+        async with self._transaction(write=True) as conn:
+            await conn.execute(delete(t.ui_sessions).where(t.ui_sessions.c.id_hash == id_hash))
+
+    async def prune_sessions(self, now: datetime) -> int:
+        prune = (
+            delete(t.ui_sessions)
+            .where(t.ui_sessions.c.expires_at <= codec.utc(now))
+            .execution_options(preserve_rowcount=True)
+        )
+        async with self._transaction(write=True) as conn:
+            return int((await conn.execute(prune)).rowcount)
