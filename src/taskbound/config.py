@@ -354,12 +354,18 @@ class ApprovalsConfig(_Section):
     owner_may_approve: bool = False
     # Distinct approvers an admin-tier action needs.
     admin_quorum: int = Field(2, ge=1, le=10)
+    # Whether an admin token may vote in a person's name (`as_owner`) through the admin API
+    # and CLI, for automation. Off: people decide only when signed in to the web UI.
+    admin_api_votes: bool = True
     # A signed, Slack-compatible notification of every new approval (none when unset).
     webhook_url: str | None = Field(None, min_length=1, max_length=2048)
     webhook_secret: SecretStr | None = None
     # Further attempts after a failed delivery, with exponential backoff.
     webhook_retries: int = Field(5, ge=0, le=20)
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    # Accept decisions acknowledged by the chat system the webhook notifies (a bridge such
+    # as a Slack app), signed with webhook_secret (POST /v1/approvals/{id}/acknowledge).
+    webhook_decisions: bool = False
 
     @model_validator(mode="after")
     def _webhook(self) -> ApprovalsConfig:
@@ -370,7 +376,82 @@ class ApprovalsConfig(_Section):
                 raise ValueError(
                     "approvals.webhook_url needs approvals.webhook_secret (16 characters or more)"
                 )
+        if self.webhook_decisions and (
+            self.webhook_secret is None or len(self.webhook_secret.get_secret_value()) < 16
+        ):
+            raise ValueError(
+                "approvals.webhook_decisions needs approvals.webhook_secret (16 characters or more)"
+            )
         return self
+
+
+class BreakGlassConfig(_Section):
+    """Break-glass exceptions (docs/breakglass.md)."""
+
+    # The hard maximum between a grant and its expiry; no grant may ask for more.
+    max_duration_seconds: int = Field(4 * 3600, ge=60, le=7 * 24 * 3600)
+    # The expiry of a grant that names none.
+    default_duration_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # The shortest justification, in characters.
+    min_justification: int = Field(20, ge=1, le=1000)
+    # How long an ended exception may wait for its review before it is overdue.
+    review_within_seconds: int = Field(3 * 24 * 3600, ge=60, le=90 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _durations(self) -> BreakGlassConfig:
+        if self.default_duration_seconds > self.max_duration_seconds:
+            raise ValueError(
+                "breakglass.default_duration_seconds must not exceed max_duration_seconds"
+            )
+        return self
+
+
+OidcAlg = Literal["RS256", "PS256", "ES256", "EdDSA"]
+_OIDC_ALGS: tuple[OidcAlg, ...] = ("RS256", "ES256", "EdDSA")
+
+
+class OidcConfig(_Section):
+    """Sign-in to the web UI with an OpenID Connect provider (authorization code + PKCE)."""
+
+    # The provider's exact issuer; its discovery document is read from
+    # {issuer}/.well-known/openid-configuration.
+    issuer: str = Field(..., min_length=1, max_length=2048)
+    client_id: str = Field(..., min_length=1, max_length=512)
+    client_secret: SecretStr | None = None
+    # The ID token claim naming the person, and the owner field it must equal exactly.
+    owner_claim: str = Field("email", min_length=1, max_length=128)
+    owner_field: Literal["id", "contact"] = "contact"
+    # ID token signature algorithms accepted (never "none").
+    algorithms: list[OidcAlg] = Field(default_factory=lambda: list(_OIDC_ALGS), min_length=1)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "email"], min_length=1)
+    timeout_seconds: float = Field(10.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _issuer(self) -> OidcConfig:
+        parts = urlsplit(self.issuer)
+        local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+        if parts.scheme != "https" and not (parts.scheme == "http" and local):
+            raise ValueError("ui.oidc.issuer must be https (http only on loopback)")
+        if "openid" not in self.scopes:
+            raise ValueError("ui.oidc.scopes must include openid")
+        return self
+
+
+class UiConfig(_Section):
+    """The web UI under /ui/ (docs/ui.md)."""
+
+    enabled: bool = True
+    # Sign-in with a password set by `taskbound ui set-password` (single-node use).
+    local_passwords: bool = True
+    oidc: OidcConfig | None = None
+    # How long a sign-in lasts.
+    session_ttl_seconds: int = Field(8 * 3600, ge=300, le=7 * 24 * 3600)
+    # Secure cookies (and the __Host- prefix). Off only for plain-http development on
+    # something other than localhost; browsers accept secure cookies on http://localhost.
+    secure_cookies: bool = True
+    # Failed sign-ins per owner and per client address within the window before refusal.
+    max_failed_signins: int = Field(5, ge=1, le=100)
+    failed_signin_window_seconds: int = Field(900, ge=10, le=24 * 3600)
 
 
 class PolicyConfig(_Section):
@@ -401,6 +482,8 @@ class Settings(_Section):
     delegation: DelegationConfig = DelegationConfig()
     signals: SignalsConfig = SignalsConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
+    breakglass: BreakGlassConfig = BreakGlassConfig()
+    ui: UiConfig = UiConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -25,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from taskbound.api.http import (
     LimitsMiddleware,
@@ -40,6 +41,8 @@ from taskbound.api.http import (
     read_json,
 )
 from taskbound.config import Settings
+from taskbound.core.approvals import SIGNATURE_HEADER
+from taskbound.core.breakglass import BreakGlass
 from taskbound.core.clock import to_epoch
 from taskbound.core.exchange import ACCESS_TOKEN_TYPE, GRANT_TYPE, ExchangeRefused, Narrowing
 from taskbound.core.grant import ScopeRequest
@@ -53,6 +56,7 @@ from taskbound.core.model import (
     CredentialRecord,
     KeyPurpose,
     Revocation,
+    Scope,
     Task,
     TaskFilter,
     TaskState,
@@ -88,10 +92,19 @@ from taskbound.service.registry import (
 )
 from taskbound.service.runtime import Services, open_services
 from taskbound.service.signals import PUSH_DELIVERY_METHOD, rejection_body
+from taskbound.ui.app import ui_mount
 
 log = logging.getLogger("taskbound.api")
 
-BROKER_PREFIXES = ("/v1/", "/oauth/", "/.well-known/", "/healthz", "/readyz", "/metrics")
+BROKER_PREFIXES = (
+    "/v1/",
+    "/oauth/",
+    "/.well-known/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/ui/",
+)
 
 # --- request bodies ----------------------------------------------------------------------
 
@@ -156,6 +169,31 @@ APPROVAL_VERBS = {"approve": True, "deny": False}
 MAX_APPROVAL_WAIT = 30.0
 
 
+class BreakGlassScopeBody(_Body):
+    tool: str = Field(min_length=1, max_length=64)
+    tier: Tier
+
+
+class BreakGlassBody(_Body):
+    agent: str = Field(min_length=1, max_length=2048)
+    scopes: list[BreakGlassScopeBody] = Field(min_length=1, max_length=32)
+    justification: str = Field("", max_length=4000)
+    # Seconds from now; breakglass.default_duration_seconds when absent.
+    expires_in_seconds: int | None = Field(None, ge=1, le=90 * 24 * 3600)
+    # The granting admin's owner id (an owner with the admin role).
+    as_owner: str = Field("", max_length=256)
+
+
+class BreakGlassEndBody(_Body):
+    as_owner: str = Field("", max_length=256)
+    reason: str = Field("", max_length=1000)
+
+
+class BreakGlassReviewBody(_Body):
+    as_owner: str = Field("", max_length=256)
+    note: str = Field("", max_length=4000)
+
+
 class MintIdentityBody(_Body):
     spiffe_id: str = Field(max_length=2048)
     ttl_seconds: int = Field(300, ge=10, le=3600)
@@ -178,7 +216,9 @@ def task_view(task: Task, now: Any) -> dict[str, Any]:
         "end_reason": task.end_reason,
         "may_act": task.may_act,
         "granted": [
-            {"tool": g.tool, "tier": g.tier.value, "actions": list(g.actions)} for g in task.granted
+            {"tool": g.tool, "tier": g.tier.value, "actions": list(g.actions)}
+            | ({"exception": g.exception} if g.exception is not None else {})
+            for g in task.granted
         ],
         "denied": [
             {"tool": d.tool, "tier": d.tier, "code": d.code, "reason": d.reason}
@@ -197,7 +237,7 @@ def credential_view(c: IssuedCredential) -> dict[str, Any]:
         "scope": c.scope,
         "actions": list(c.record.actions),
         "jti": c.record.jti,
-    }
+    } | ({"exception": c.record.exception_id} if c.record.exception_id is not None else {})
 
 
 def credential_record_view(c: CredentialRecord) -> dict[str, Any]:
@@ -211,6 +251,8 @@ def credential_record_view(c: CredentialRecord) -> dict[str, Any]:
         "expires_at": c.expires_at.isoformat(),
         "revoked_at": c.revoked_at.isoformat() if c.revoked_at else None,
         "revoke_reason": c.revoke_reason,
+        "parent_jti": c.parent_jti,
+        "exception": c.exception_id,
     }
 
 
@@ -258,6 +300,54 @@ def approval_view(
             for v in votes or ()
         ]
     return out
+
+
+def breakglass_view(bg: BreakGlass, state: str) -> dict[str, Any]:
+    def at(value: Any) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "id": bg.id,
+        "state": state,
+        "agent": bg.agent_id,
+        "scopes": [{"tool": s.tool, "tier": s.tier.value} for s in sorted(bg.scopes)],
+        "justification": bg.justification,
+        "granted_by": bg.granted_by,
+        "created_at": at(bg.created_at),
+        "expires_at": at(bg.expires_at),
+        "ended_at": at(bg.ended_at),
+        "ended_by": bg.ended_by,
+        "reviewed_by": bg.reviewed_by,
+        "reviewed_at": at(bg.reviewed_at),
+        "review_note": bg.review_note,
+    }
+
+
+def audit_view(seq: int, e: AuditEvent) -> dict[str, Any]:
+    """One audit record as the admin API shows it."""
+    return {
+        "seq": seq,
+        "time": e.time.isoformat(),
+        "event": e.event,
+        "decision": e.decision,
+        "code": e.code,
+        "agent": e.agent,
+        "owner": e.owner,
+        "task": e.task,
+        "intent": e.intent,
+        "jti": e.jti,
+        "txn": e.txn,
+        "tool": e.tool,
+        "action": e.action,
+        "tier": e.tier,
+        "argument_digest": e.argument_digest,
+        "policies": list(e.policies),
+        "policy_version": e.policy_version,
+        "latency_ms": e.latency_ms,
+        "upstream_status": e.upstream_status,
+        "exception": e.exception_id,
+        "detail": e.detail,
+    }
 
 
 def revocation_view(r: Revocation) -> dict[str, Any]:
@@ -396,6 +486,11 @@ def create_app(
     metrics = Metrics()
     state: dict[str, Services] = {} if services is None else {"services": services}
     metrics.registry.register(FeedCollector(lambda: state.get("services")))
+    overdue = Gauge(
+        "taskbound_breakglass_reviews_overdue",
+        "Ended break-glass exceptions waiting for review longer than breakglass.review_within",
+        registry=metrics.registry,
+    )
     gateways: list[Gateway] = []
 
     def svc() -> Services:
@@ -575,6 +670,22 @@ def create_app(
         caller = await agent_caller(request)
         return await svc().broker.task_for_agent(caller, task_id), "agent"
 
+    @route("/v1/approvals/{approval_id}/acknowledge", methods=["POST"])
+    async def acknowledge_approval(request: Request) -> Response:
+        """A decision relayed by the chat system the approval webhook notified, signed with
+        the webhook secret (``approvals.webhook_decisions``); forged ones are refused."""
+        approvals = svc().approvals
+        decided = await approvals.acknowledge(
+            request.path_params["approval_id"],
+            body=await request.body(),
+            signature=request.headers.get(SIGNATURE_HEADER),
+            replay=svc().replay,
+        )
+        votes = await approvals.votes(decided.id)
+        return json_response(
+            approval_view(decided, svc().clock.now(), full=True, votes=votes), no_store=True
+        )
+
     @route("/v1/approvals/{approval_id}", methods=["GET"])
     async def get_approval(request: Request) -> Response:
         """The state of an approval, for the agent whose call it holds (identity + DPoP
@@ -682,6 +793,7 @@ def create_app(
             raise
         c = out.claims
         facts["jti"] = c.jti
+        facts["exception_id"] = c.exception
         await audit(
             "allow",
             None,
@@ -991,6 +1103,11 @@ def create_app(
         verb = request.path_params["verb"]
         if verb not in APPROVAL_VERBS:
             raise NotFound(f"no approval operation {verb!r}")
+        if not settings.approvals.admin_api_votes:
+            raise Forbidden(
+                "votes through the admin API are turned off: sign in to /ui/ to decide",
+                internal="approvals.admin_api_votes is false",
+            )
         body = await read_json(request, VoteBody)
         approvals = svc().approvals
         decided = await approvals.decide(
@@ -1004,6 +1121,73 @@ def create_app(
         return json_response(
             approval_view(decided, svc().clock.now(), full=True, votes=votes), no_store=True
         )
+
+    # --- break-glass exceptions (docs/breakglass.md) -----------------------------------
+
+    @route("/v1/admin/breakglass", methods=["GET", "POST"])
+    async def breakglass(request: Request) -> Response:
+        """POST: grant an exception as the admin ``as_owner``; GET: list them, newest
+        first (``?state=active|review|reviewed``, ``?agent=``, ``?limit=``)."""
+        cause = await admin(request)
+        exceptions = svc().breakglass
+        if request.method == "POST":
+            body = await read_json(request, BreakGlassBody)
+            expires = None
+            if body.expires_in_seconds is not None:
+                expires = svc().clock.now() + timedelta(seconds=body.expires_in_seconds)
+            bg = await exceptions.grant(
+                agent_id=body.agent,
+                scopes=[Scope(s.tool, s.tier) for s in body.scopes],
+                justification=body.justification,
+                granted_by=body.as_owner,
+                expires_at=expires,
+                cause=cause,
+            )
+            return json_response(breakglass_view(bg, exceptions.state_of(bg)), 201)
+        q = request.query_params
+        try:
+            limit = int(q.get("limit", "100"))
+        except ValueError:
+            raise InvalidRequest("limit must be a number") from None
+        found = await exceptions.find(state=q.get("state"), agent_id=q.get("agent"), limit=limit)
+        return json_response(
+            {"exceptions": [breakglass_view(bg, exceptions.state_of(bg)) for bg in found]},
+            no_store=True,
+        )
+
+    @route("/v1/admin/breakglass/{bg_id}", methods=["GET"])
+    async def breakglass_one(request: Request) -> Response:
+        """One exception with every audit record made under it (its calls included)."""
+        await admin(request)
+        exceptions = svc().breakglass
+        bg = await exceptions.get(request.path_params["bg_id"])
+        out = breakglass_view(bg, exceptions.state_of(bg))
+        out["calls"] = [audit_view(seq, e) for seq, e in await exceptions.calls(bg.id)]
+        return json_response(out, no_store=True)
+
+    @route("/v1/admin/breakglass/{bg_id}/{verb}", methods=["POST"])
+    async def breakglass_verb(request: Request) -> Response:
+        """end (its granter or an admin; revokes what relies on it) | review (a reviewer
+        who is not the granter, with a note). Every refusal is audited."""
+        cause = await admin(request)
+        verb = request.path_params["verb"]
+        exceptions = svc().breakglass
+        bg_id = request.path_params["bg_id"]
+        if verb == "end":
+            ending = await read_json(request, BreakGlassEndBody)
+            bg, revoked = await exceptions.end(
+                bg_id, by=ending.as_owner, reason=ending.reason, cause=cause
+            )
+            out = breakglass_view(bg, exceptions.state_of(bg))
+            out["credentials_revoked"] = revoked
+            return json_response(out)
+        if verb == "review":
+            review = await read_json(request, BreakGlassReviewBody)
+            bg = await exceptions.review(
+                bg_id, reviewer=review.as_owner, note=review.note, cause=cause
+            )
+            return json_response(breakglass_view(bg, exceptions.state_of(bg)))
+        raise NotFound(f"no break-glass operation {verb!r}")
 
     @route("/v1/admin/policy", methods=["GET"])
     async def policy_status(request: Request) -> Response:
@@ -1065,17 +1249,27 @@ def create_app(
 
     @route("/metrics", methods=["GET"])
     async def metrics_endpoint(request: Request) -> Response:
+        if "services" in state:
+            # Read at scrape time: a failure leaves the last value (and is logged).
+            try:
+                overdue.set(await svc().breakglass.overdue())
+            except Exception:
+                log.exception("counting overdue break-glass reviews failed")
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes = [
+    routes: list[BaseRoute] = [
         metadata, jwks, txn_jwks, start_task, fresh_credential, get_task, complete, cancel,
         introspect, revoke, owners, owner, tools, tool, agents, agent, apply, list_tasks,
         task_credentials, revoke_task, token, revoke_credential, agent_state, keys, rotate,
         withdraw_key, revocations, policy_status, policy_reload,
         mint_identity, healthz, readyz, metrics_endpoint,
-        get_approval, list_approvals, decide_approval,
+        get_approval, list_approvals, decide_approval, acknowledge_approval,
+        breakglass, breakglass_one, breakglass_verb,
     ]  # fmt: skip
     routes += [ssf_configuration, ssf_jwks, receive_signal]
+    if settings.ui.enabled:
+        # The pages people use (docs/ui.md); reserved like the broker's paths.
+        routes.append(ui_mount(settings, svc))
     if not broker:
         routes = [healthz, readyz, metrics_endpoint]
     if settings.gateway.enabled or not broker:

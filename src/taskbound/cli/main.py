@@ -10,7 +10,8 @@ import typer
 
 from taskbound import __version__
 from taskbound.cli.approvals import approvals_app
-from taskbound.cli.common import console, handled, print_json
+from taskbound.cli.breakglass import breakglass_app
+from taskbound.cli.common import console, fail, handled, print_json
 from taskbound.cli.operate import (
     ConfigOption,
     admin_app,
@@ -33,6 +34,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and check the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+ui_app = typer.Typer(help="The web UI's local sign-in (docs/ui.md).", no_args_is_help=True)
+app.add_typer(ui_app, name="ui")
 app.add_typer(admin_app, name="admin")
 app.add_typer(owners_app, name="owners")
 app.add_typer(agents_app, name="agents")
@@ -47,6 +50,7 @@ app.add_typer(identity_app, name="identity")
 app.add_typer(policy_app, name="policy")
 app.add_typer(token_app, name="token")
 app.add_typer(approvals_app, name="approvals")
+app.add_typer(breakglass_app, name="breakglass")
 app.command("apply")(apply)
 
 
@@ -113,6 +117,45 @@ def migrate(config: str | None = ConfigOption) -> None:
     with handled():
         asyncio.run(run_migrations(settings.storage_url))
     console.print("[green]database is at the latest schema[/]")
+
+
+@ui_app.command("set-password")
+def ui_set_password(
+    owner: str = typer.Argument(..., help="The owner id of the person signing in."),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from stdin instead of prompting."
+    ),
+    data_dir: Path | None = typer.Option(None, help="Data directory for the SQLite default."),
+    config: str | None = ConfigOption,
+) -> None:
+    """Set (or replace) an owner's password for signing in to /ui/ (single-node use;
+    OIDC in production). Works on the database directly; the owner's sessions end."""
+    from taskbound.core.clock import SystemClock
+    from taskbound.core.signin import check_new_password
+    from taskbound.storage import open_storage
+    from taskbound.ui.auth import Authenticator
+
+    settings = _settings(config, storage__data_dir=data_dir)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        check_new_password(password)
+    except ValueError as exc:
+        fail(str(exc), code="weak_password", exit_code=2)
+    hashed = Authenticator(settings).hash_password(password)
+
+    async def store() -> None:
+        storage = await open_storage(settings.storage_url)
+        try:
+            await storage.set_owner_password(owner, hashed, SystemClock().now())
+        finally:
+            await storage.close()
+
+    with handled():
+        asyncio.run(store())
+    console.print(f"[green]password set[/] for owner {owner}; sign in at {settings.public_url}/ui/")
 
 
 @config_app.command("show")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from taskbound.core.breakglass import BreakGlass, relied_on
 from taskbound.core.model import (
     Agent,
     AgentState,
@@ -51,6 +52,12 @@ class GrantRequest:
     # delegate's owner).
     others: tuple[Agent, ...] = ()
     other_owners: tuple[Owner, ...] = ()
+    # The break-glass exceptions of ``agent`` (those not active at ``now`` count for
+    # nothing): a scope beyond the ceiling is granted only when one of them adds it.
+    exceptions: tuple[BreakGlass, ...] = ()
+    # Delegation: the exception the parent credential relies on. The child inherits it
+    # (and is flagged with it), so policy sees it as active whatever ``exceptions`` add.
+    inherited_exception: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +86,8 @@ class CeilingDecider:
 
     Whole-task refusals: the agent is not active; the owner is unknown or disabled; the task
     is on behalf of someone other than the agent's accountable owner. Per scope: the tool
-    must exist, offer the tier, lie within the agent's ceiling, and every requested action
+    must exist, offer the tier, lie within the agent's ceiling (or a break-glass exception
+    active now adds it: the grant then names the exception), and every requested action
     must be an action of that tier. Anything not positively allowed is denied.
     """
 
@@ -100,7 +108,7 @@ class CeilingDecider:
         granted: list[ScopeGrant] = []
         denied: list[ScopeDenial] = []
         for req in request.scopes:
-            outcome = _decide_scope(req, agent, request.tools.get(req.tool))
+            outcome = _decide_scope(req, request, request.tools.get(req.tool))
             if isinstance(outcome, ScopeGrant):
                 granted.append(outcome)
             else:
@@ -112,7 +120,9 @@ def _refuse(code: str, reason: str) -> GrantDecision:
     return GrantDecision((), (), Refusal(code, reason), determined_by=("registry-ceiling",))
 
 
-def _decide_scope(req: ScopeRequest, agent: Agent, tool: Tool | None) -> ScopeGrant | ScopeDenial:
+def _decide_scope(
+    req: ScopeRequest, request: GrantRequest, tool: Tool | None
+) -> ScopeGrant | ScopeDenial:
     def deny(code: str, reason: str) -> ScopeDenial:
         return ScopeDenial(req.tool, req.tier.value, code, reason)
 
@@ -121,11 +131,18 @@ def _decide_scope(req: ScopeRequest, agent: Agent, tool: Tool | None) -> ScopeGr
     tier_actions = tool.actions_of(req.tier)
     if not tier_actions:
         return deny("tier_not_offered", f"tool {tool.id!r} has no {req.tier.value} actions")
-    if Scope(tool.id, req.tier) not in agent.ceiling:
-        return deny("beyond_ceiling", f"{tool.id}:{req.tier.value} is outside the agent's ceiling")
+    scope = Scope(tool.id, req.tier)
+    exception = None
+    if scope not in request.agent.ceiling:
+        bg = relied_on(request.agent, scope, request.exceptions, request.now)
+        if bg is None:
+            return deny(
+                "beyond_ceiling", f"{tool.id}:{req.tier.value} is outside the agent's ceiling"
+            )
+        exception = bg.id
     names = tuple(a.name for a in tier_actions)
     if req.actions is None:
-        return ScopeGrant(tool.id, req.tier, names)
+        return ScopeGrant(tool.id, req.tier, names, exception)
     unknown = sorted(set(req.actions) - set(names))
     if unknown:
         return deny(
@@ -134,4 +151,4 @@ def _decide_scope(req: ScopeRequest, agent: Agent, tool: Tool | None) -> ScopeGr
         )
     # Keep the registry's order so identical requests yield identical credentials.
     wanted = set(req.actions)
-    return ScopeGrant(tool.id, req.tier, tuple(n for n in names if n in wanted))
+    return ScopeGrant(tool.id, req.tier, tuple(n for n in names if n in wanted), exception)

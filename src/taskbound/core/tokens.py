@@ -74,6 +74,8 @@ class CredentialClaims:
     parents: tuple[str, ...] = ()
     # RFC 8693 §4.4: the one party allowed to exchange this credential, when named.
     may_act: str | None = None
+    # The break-glass exception this credential relies on (``tb_exc``), if any.
+    exception: str | None = None
 
     @property
     def holder(self) -> str:
@@ -153,6 +155,8 @@ def mint_credential(claims: CredentialClaims, key: PrivateKey) -> str:
         payload["tb_parents"] = list(claims.parents)
     if claims.may_act is not None:
         payload["may_act"] = {"sub": claims.may_act}
+    if claims.exception is not None:
+        payload["tb_exc"] = claims.exception
     return jws.sign_compact(header, payload, key)
 
 
@@ -231,6 +235,9 @@ def _credential_claims(
         if not isinstance(member, dict) or set(member) != {"sub"}:
             raise jws.Rejected("may_act must be an object with sub only")
         may_act = jws.require_str(member, "sub")
+    exception = claims.get("tb_exc")
+    if exception is not None and (not isinstance(exception, str) or not exception):
+        raise jws.Rejected("tb_exc is not a non-empty string")
     return CredentialClaims(
         issuer=issuer,
         subject=subject,
@@ -252,6 +259,7 @@ def _credential_claims(
         actors=actors,
         parents=parents,
         may_act=may_act,
+        exception=exception,
     )
 
 

@@ -182,6 +182,7 @@ class CallRecord:
             upstream_status=upstream,
             detail=_with_chain("; ".join(n for n in (*self.notes, detail) if n) or None, c),
             txn=(c.txn or c.task_id) if c else None,
+            exception_id=c.exception if c else None,
         )
 
 
@@ -568,6 +569,7 @@ class Gateway:
             policy_version=gate.decision.policy_version if gate.decision else None,
             jti=claims.jti,
             txn=claims.txn or claims.task_id,
+            exception=claims.exception,
             extra=how.extra,
         )
         approved = await self.s.approvals.consume(call)

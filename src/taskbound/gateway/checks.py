@@ -394,6 +394,7 @@ class Checks:
             live.record.parent_jti,
             live.record.jkt,
             live.record.kid,
+            live.record.exception_id,
         ) != (
             claims.task_id,
             claims.tool,
@@ -402,6 +403,7 @@ class Checks:
             claims.parents[0] if claims.parents else None,
             claims.jkt,
             kid,
+            claims.exception,
         ):
             raise invalid_token("credential record does not match the token")
         if live.task.state_at(now) is not TaskState.ACTIVE:
@@ -488,6 +490,9 @@ class Checks:
             environment=self._settings.policy.environment,
             call_rate=rate,
             delegation_depth=claims.depth,
+            # A credential relying on a break-glass exception: policy sees it, the audit
+            # flags the call (the exception's early end revokes the credential).
+            exception_active=claims.exception is not None,
         )
         task, variant = live.task, None
         if claims.actors:

@@ -39,6 +39,7 @@ from taskbound.core.approvals import (
     call_summary,
     required_approvals,
     sign_webhook,
+    verify_webhook,
 )
 from taskbound.core.clock import Clock, to_epoch
 from taskbound.core.model import (
@@ -52,6 +53,8 @@ from taskbound.core.model import (
 )
 from taskbound.errors import (
     ApproverNotAllowed,
+    InvalidRequest,
+    InvalidSignature,
     NotFound,
     ReasonRequired,
     SelfApproval,
@@ -59,7 +62,7 @@ from taskbound.errors import (
     TaskNotActive,
 )
 from taskbound.service.broker import new_id
-from taskbound.storage.base import Storage
+from taskbound.storage.base import ReplayCache, Storage
 
 __all__ = ["POLL_INTERVAL", "ApprovalWebhook", "Approvals", "HeldCall", "slack_message"]
 
@@ -71,6 +74,8 @@ POLL_INTERVAL: Final = 0.25
 MAX_WAIT: Final = 30.0
 _MAX_DELIVERIES: Final = 1000
 _MAX_BACKOFF: Final = 60.0
+#: How old a signed acknowledgement may be (seconds).
+ACK_TOLERANCE: Final = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,8 @@ class HeldCall:
     jti: str | None = None
     txn: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The break-glass exception the call's credential relies on (flagged in the audit).
+    exception: str | None = None
 
     @property
     def action_digest(self) -> str:
@@ -175,6 +182,7 @@ class Approvals:
                 policy_version=call.policy_version,
                 jti=call.jti,
                 txn=call.txn,
+                exception_id=call.exception,
             )
             log.info(
                 "approval requested",
@@ -199,6 +207,7 @@ class Approvals:
                 f"approval {approval.id} consumed by the approved call",
                 jti=call.jti,
                 txn=call.txn,
+                exception_id=call.exception,
             )
             self._wake(approval.id)
         return approval
@@ -286,6 +295,50 @@ class Approvals:
         self._wake(decided.id)
         return decided
 
+    async def acknowledge(
+        self, approval_id: str, *, body: bytes, signature: str | None, replay: ReplayCache
+    ) -> Approval:
+        """A decision relayed by the chat system the webhook notified: ``body`` is
+        ``{"decision": "approve"|"deny", "approver": "<owner id>", "reason": "…"}``, signed
+        like the webhook itself (``X-Taskbound-Signature``, HMAC-SHA256 with
+        ``approvals.webhook_secret``, at most five minutes old, each signature used once).
+        A forged, stale or replayed one is ``invalid_signature``, audited, nothing changed;
+        a genuine one is one person's vote with every rule of :meth:`decide`."""
+        secret = self._config.webhook_secret
+        if not self._config.webhook_decisions or secret is None:
+            raise NotFound("webhook decisions are not enabled")
+        now = self._clock.now()
+        try:
+            if not verify_webhook(
+                secret.get_secret_value().encode(), signature, body, now=int(to_epoch(now))
+            ):
+                raise InvalidSignature(internal="signature missing, wrong or stale")
+            assert signature is not None
+            until = now + timedelta(seconds=2 * ACK_TOLERANCE)
+            if await replay.seen(f"approval-ack:{signature}", until, now):
+                raise InvalidSignature(internal="acknowledgement replayed")
+            try:
+                ack = json.loads(body)
+                verdict, approver = ack["decision"], ack["approver"]
+                reason = ack.get("reason") or None
+            except (ValueError, KeyError, TypeError):
+                raise InvalidRequest("the acknowledgement is not the expected JSON") from None
+            if verdict not in ("approve", "deny") or not isinstance(approver, str):
+                raise InvalidRequest("decision must be approve or deny, approver an owner id")
+            if reason is not None and not isinstance(reason, str):
+                raise InvalidRequest("reason must be a string")
+        except TaskboundError as err:
+            found = await self._storage.get_approval(approval_id)
+            await self._refused(found, approval_id, "", "acknowledge", "webhook", err)
+            raise
+        return await self.decide(
+            approval_id,
+            as_owner=approver,
+            approve=verdict == "approve",
+            reason=(reason or "")[:1000],
+            cause="webhook",
+        )
+
     async def _check_approver(self, approval: Approval, as_owner: str) -> None:
         owner = await self._storage.get_owner(as_owner) if as_owner else None
         if owner is None or owner.disabled:
@@ -351,6 +404,7 @@ class Approvals:
         policy_version: str | None = None,
         jti: str | None = None,
         txn: str | None = None,
+        exception_id: str | None = None,
     ) -> None:
         await self._storage.append_audit(
             AuditEvent(
@@ -371,6 +425,7 @@ class Approvals:
                 policy_version=policy_version,
                 detail=detail,
                 txn=txn,
+                exception_id=exception_id,
             )
         )
 

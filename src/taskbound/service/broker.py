@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from taskbound.config import Settings
+from taskbound.core.breakglass import BreakGlass
 from taskbound.core.clock import Clock, to_epoch
 from taskbound.core.dpop import DPoPProof, verify_dpop_proof
 from taskbound.core.exchange import (
@@ -215,6 +216,7 @@ class Broker:
         agent, tools = inputs.agent, inputs.tools
         if agent is None:
             raise UnknownAgent(internal=f"no agent registered for {spiffe_id}")
+        exceptions = await self._exceptions(spiffe_id, now)
         decision = self._decider.decide(
             GrantRequest(
                 agent=agent,
@@ -226,6 +228,7 @@ class Broker:
                 ttl=timedelta(seconds=req.ttl_seconds),
                 tools=tools,
                 now=now,
+                exceptions=tuple(exceptions.values()),
             )
         )
         if decision.refusal is not None:
@@ -247,7 +250,8 @@ class Broker:
             may_act=req.may_act,
         )
         issued = tuple(
-            self._mint(task, grant, now, tools[grant.tool].audience) for grant in task.granted
+            self._mint(task, grant, now, tools[grant.tool].audience, exceptions)
+            for grant in task.granted
         )
         if not await self._storage.create_task(task, [c.record for c in issued]):
             # The agent was suspended or its owner disabled while we decided.
@@ -266,10 +270,25 @@ class Broker:
         )
         return TaskStarted(task, issued)
 
+    async def _exceptions(self, agent_id: str, now: datetime) -> dict[str, BreakGlass]:
+        """The break-glass exceptions of ``agent_id`` active at ``now``, by id."""
+        found = await self._storage.list_breakglass(
+            now=now, state="active", agent_id=agent_id, limit=1000
+        )
+        return {bg.id: bg for bg in found}
+
     def _mint(
-        self, task: Task, grant: ScopeGrant, now: datetime, audience: str
+        self,
+        task: Task,
+        grant: ScopeGrant,
+        now: datetime,
+        audience: str,
+        exceptions: Mapping[str, BreakGlass],
     ) -> IssuedCredential:
         expires = min(task.expires_at, now + self._cred_cap)
+        if grant.exception is not None:
+            # A credential relying on an exception dies with it, whatever else it could live.
+            expires = min(expires, exceptions[grant.exception].ended_at_or_expiry())
         claims = CredentialClaims(
             issuer=self._settings.issuer,
             subject=task.agent_id,
@@ -290,6 +309,7 @@ class Broker:
             # The task is the transaction: every credential and call of its chain shares it.
             txn=task.id,
             may_act=task.may_act,
+            exception=grant.exception,
         )
         return self._sign(claims)
 
@@ -312,6 +332,7 @@ class Broker:
             issued_at=claims.issued_at,
             expires_at=claims.expires_at,
             parent_jti=claims.parents[0] if claims.parents else None,
+            exception_id=claims.exception,
         )
         span = to_epoch(claims.expires_at) - to_epoch(claims.issued_at)
         return IssuedCredential(token, record, max(0, span))
@@ -342,8 +363,8 @@ class Broker:
                 f"the task was not granted {tool}:{tier.value}",
                 internal=f"credential refresh for ungranted {tool}:{tier.value}",
             )
-        grant, audience = await self._regrant(task, granted, now)
-        issued = self._mint(task, grant, now, audience)
+        grant, audience, exceptions = await self._regrant(task, granted, now)
+        issued = self._mint(task, grant, now, audience, exceptions)
         if not await self._storage.add_credential(issued.record, now):
             raise TaskNotActive("the task is no longer active")
         log.info(
@@ -354,7 +375,7 @@ class Broker:
 
     async def _regrant(
         self, task: Task, granted: ScopeGrant, now: datetime
-    ) -> tuple[ScopeGrant, str]:
+    ) -> tuple[ScopeGrant, str, dict[str, BreakGlass]]:
         """Decide a refresh again on today's registry: the agent, owner, ceiling and the
         tool's tiers as they are now. The result is the task's grant narrowed to what is
         still allowed (actions moved to another tier drop out); it never widens."""
@@ -369,6 +390,7 @@ class Broker:
                 f"{granted.tool}:{granted.tier.value} no longer offers the task's actions",
                 internal=f"refresh: no granted action left in {granted.tool}:{granted.tier.value}",
             )
+        exceptions = await self._exceptions(task.agent_id, now)
         decision = self._decider.decide(
             GrantRequest(
                 agent=inputs.agent,
@@ -380,6 +402,7 @@ class Broker:
                 ttl=task.expires_at - now,
                 tools=inputs.tools,
                 now=now,
+                exceptions=tuple(exceptions.values()),
             )
         )
         if decision.refusal is not None:
@@ -394,7 +417,7 @@ class Broker:
         (grant,) = decision.granted
         if not set(grant.actions) <= set(granted.actions) or grant.scope != granted.scope:
             raise Forbidden(internal="refresh decision tried to widen the grant")
-        return grant, tool.audience
+        return grant, tool.audience, exceptions
 
     async def task_for_agent(self, caller: AgentCaller, task_id: str) -> Task:
         return await self._own_task(caller, task_id)
@@ -476,6 +499,7 @@ class Broker:
             tool=parent.tool,
             tier=parent.tier.value,
             txn=parent.txn or parent.task_id,
+            exception_id=parent.exception,
         )
         try:
             consent = verify_dpop_proof(
@@ -579,6 +603,7 @@ class Broker:
             )
         # 4. narrow, then let policy decide for the delegate
         child = narrow(parent, req.narrowing, actor=actor.spiffe_id, max_depth=cfg.max_depth)
+        exceptions = await self._exceptions(delegate.spiffe_id, now)
         decision = self._decider.decide(
             GrantRequest(
                 agent=delegate,
@@ -593,6 +618,8 @@ class Broker:
                 delegation_depth=child.depth,
                 others=tuple(chain),
                 other_owners=(delegate_owner,),
+                exceptions=tuple(exceptions.values()),
+                inherited_exception=parent.exception,
             )
         )
         if decision.refusal is not None or not decision.granted:
@@ -616,6 +643,8 @@ class Broker:
         ):
             raise ExchangeRefused("invalid_dpop_proof", "a DPoP proof was used before")
         expires = min(parent.expires_at, now + self._cred_cap)
+        if grant.exception is not None:
+            expires = min(expires, exceptions[grant.exception].ended_at_or_expiry())
         claims = CredentialClaims(
             issuer=self._settings.issuer,
             subject=parent.subject,
@@ -639,6 +668,9 @@ class Broker:
             # A parent that named who may act passes the restriction on: that actor is now
             # in the chain, so the child can be delegated no further.
             may_act=parent.may_act,
+            # Relying on the delegate's own exception, or on the parent's (inherited: the
+            # child's authority comes from it, and is flagged like the parent's).
+            exception=grant.exception or parent.exception,
         )
         try:
             issued = self._sign(claims)

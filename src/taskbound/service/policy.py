@@ -355,16 +355,21 @@ class CedarGrantDecider:
         entities = state.base.with_entities(
             decision_entities(request.agent, owners, facts, request.others)
         )
-        situation = Situation(
-            now=request.now,
-            environment=self._environment,
-            delegation_depth=request.delegation_depth,
-        )
         granted: list[ScopeGrant] = []
         refused: list[ScopeDenial] = list(first.denied)
         determining: set[str] = set()
         for scope in first.granted:
             tool = request.tools[scope.tool]
+            # Policy sees whether this scope relies on a break-glass exception, its own or
+            # (a delegation) the one its parent credential relies on.
+            situation = Situation(
+                now=request.now,
+                environment=self._environment,
+                delegation_depth=request.delegation_depth,
+                exception_active=(
+                    scope.exception is not None or request.inherited_exception is not None
+                ),
+            )
             allowed: list[str] = []
             reasons: list[str] = []
             for name in scope.actions:
@@ -385,7 +390,7 @@ class CedarGrantDecider:
                         why += f" (errors: {'; '.join(decision.errors)})"
                     reasons.append(f"{name}: {decision.outcome.value} by {why}")
             if allowed:
-                granted.append(ScopeGrant(scope.tool, scope.tier, tuple(allowed)))
+                granted.append(ScopeGrant(scope.tool, scope.tier, tuple(allowed), scope.exception))
             else:
                 refused.append(
                     ScopeDenial(scope.tool, scope.tier.value, "policy_denied", "; ".join(reasons))

@@ -15,6 +15,7 @@ from taskbound.core.grant import GrantDecider
 from taskbound.core.model import KeyPurpose
 from taskbound.core.secretbox import SecretBox
 from taskbound.service.approvals import Approvals
+from taskbound.service.breakglass import BreakGlassService
 from taskbound.service.broker import Broker
 from taskbound.service.events import Events
 from taskbound.service.identity import IdentityVerifier
@@ -49,6 +50,8 @@ class Services:
     revocations: RevocationFeed
     # Human approvals of held calls (and their webhook notifications).
     approvals: Approvals
+    # Break-glass exceptions: grant, early end, review.
+    breakglass: BreakGlassService
     # Resources other components opened on these services (the gateway's upstream pool).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Shared Signals: out (None without receivers; started by the app), in (None without
@@ -129,6 +132,9 @@ async def open_services(
             signal_sender = SignalSender(settings, storage, keys, clock, http)
             revocations.listeners.append(signal_sender.notify)
         approvals = Approvals(settings, storage, clock, http)
+        exceptions = BreakGlassService(
+            settings.breakglass, storage, clock, after_revocation=revocations.sync
+        )
         signal_receiver = None
         if settings.signals.transmitters:
             signal_receiver = SignalReceiver(
@@ -157,6 +163,7 @@ async def open_services(
         http,
         revocations,
         approvals,
+        exceptions,
         signal_sender=signal_sender,
         signal_receiver=signal_receiver,
     )

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -232,15 +233,34 @@ class JwksSource:
             return True
 
 
-async def discover_oidc_jwks_uri(
+@dataclass(frozen=True, slots=True)
+class OidcEndpoints:
+    """What an OpenID provider's discovery document says, checked."""
+
+    authorization_endpoint: str | None
+    token_endpoint: str | None
+    jwks_uri: str
+
+
+def _endpoint(document: Mapping[str, Any], name: str, issuer: str, url: str) -> str | None:
+    value = document.get(name)
+    if not isinstance(value, str) or not value:
+        return None
+    allowed = {"https", "http"} if urlsplit(issuer).scheme == "http" else {"https"}
+    if urlsplit(value).scheme not in allowed or not urlsplit(value).netloc:
+        raise IdentityProviderUnavailable(internal=f"openid-configuration {url}: {name} not https")
+    return value
+
+
+async def discover_oidc(
     issuer: str, http: httpx.AsyncClient, *, time_limit: float = _DEFAULT_TIME_LIMIT
-) -> str:
-    """The ``jwks_uri`` of an OIDC issuer (OpenID Connect Discovery 1.0 §4).
+) -> OidcEndpoints:
+    """The endpoints of an OIDC issuer (OpenID Connect Discovery 1.0 §4).
 
     Fetches ``{issuer}/.well-known/openid-configuration`` (trailing ``/`` of the issuer
     removed, §4.1), requires the document's ``issuer`` to equal ``issuer`` exactly (§4.3,
-    against issuer mix-up) and ``jwks_uri`` to be an absolute https URL (http only when the
-    issuer itself is http, i.e. a development setup). Raises
+    against issuer mix-up) and every endpoint to be an absolute https URL (http only when
+    the issuer itself is http, i.e. a development setup), ``jwks_uri`` required. Raises
     :class:`~taskbound.errors.IdentityProviderUnavailable` on any failure.
     """
     url = issuer.rstrip("/") + _DISCOVERY_PATH
@@ -249,13 +269,18 @@ async def discover_oidc_jwks_uri(
         raise IdentityProviderUnavailable(internal=f"openid-configuration {url}: not a JSON object")
     if document.get("issuer") != issuer:
         raise IdentityProviderUnavailable(internal=f"openid-configuration {url}: issuer mismatch")
-    jwks_uri = document.get("jwks_uri")
-    if not isinstance(jwks_uri, str) or not jwks_uri:
+    jwks_uri = _endpoint(document, "jwks_uri", issuer, url)
+    if jwks_uri is None:
         raise IdentityProviderUnavailable(internal=f"openid-configuration {url}: no jwks_uri")
-    scheme = urlsplit(jwks_uri).scheme
-    allowed = {"https", "http"} if urlsplit(issuer).scheme == "http" else {"https"}
-    if scheme not in allowed or not urlsplit(jwks_uri).netloc:
-        raise IdentityProviderUnavailable(
-            internal=f"openid-configuration {url}: jwks_uri not https"
-        )
-    return jwks_uri
+    return OidcEndpoints(
+        authorization_endpoint=_endpoint(document, "authorization_endpoint", issuer, url),
+        token_endpoint=_endpoint(document, "token_endpoint", issuer, url),
+        jwks_uri=jwks_uri,
+    )
+
+
+async def discover_oidc_jwks_uri(
+    issuer: str, http: httpx.AsyncClient, *, time_limit: float = _DEFAULT_TIME_LIMIT
+) -> str:
+    """The ``jwks_uri`` of an OIDC issuer, as :func:`discover_oidc` checks it."""
+    return (await discover_oidc(issuer, http, time_limit=time_limit)).jwks_uri
