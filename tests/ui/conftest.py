@@ -3,12 +3,14 @@ cookie-carrying browser-like client that follows the UI's forms."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from taskbound.config import load_settings
 from taskbound.ui.auth import Authenticator
 from tests.api.conftest import (
     Live,
@@ -34,8 +36,20 @@ async def add_people(server: Live, people: dict[str, list[str]] = PEOPLE) -> Non
         if r.status_code == 404:
             r = await server.http.post("/v1/admin/owners", json=body, headers=server.admin)
         assert r.status_code in (200, 201), r.text
-        hashed = Authenticator(server.services.settings).hash_password(PASSWORD)
-        await server.services.storage.set_owner_password(owner_id, hashed, server.clock.now())
+        await server.services.storage.set_owner_password(
+            owner_id, _hashed(server), server.clock.now()
+        )
+
+
+@functools.cache
+def _hash_once() -> str:
+    return Authenticator(load_settings(environ={})).hash_password(PASSWORD)
+
+
+def _hashed(server: Live) -> str:
+    """PASSWORD's Argon2id hash, made once per test process (hashing is slow on purpose;
+    every sign-in still verifies it for real)."""
+    return _hash_once()
 
 
 _HIDDEN = re.compile(r'<input type="hidden" name="csrf" value="([^"]+)">')

@@ -155,8 +155,7 @@ class Authenticator:
         ui = settings.ui
         self.cookies = Cookies(ui.secure_cookies)
         self.hasher = PasswordHasher()
-        # Verified against when the owner has no password: the same work either way.
-        self._decoy = self.hasher.hash(secrets.token_urlsafe(16))
+        self._decoy: str | None = None
         self.throttle = Throttle(ui.max_failed_signins, ui.failed_signin_window_seconds)
         self._oidc_endpoints: OidcEndpoints | None = None
         self._oidc_keys: JwksSource | None = None
@@ -234,6 +233,10 @@ class Authenticator:
             raise TooManyAttempts()
         owner = await services.storage.get_owner(owner_id) if 0 < len(owner_id) <= 256 else None
         stored = await services.storage.get_owner_password(owner_id) if owner else None
+        if self._decoy is None:
+            # Verified against when the owner has no password: the same work either way.
+            # Made on first use, not at start-up (hashing is deliberately slow).
+            self._decoy = self.hasher.hash(secrets.token_urlsafe(16))
         ok = False
         try:
             ok = self.hasher.verify(stored or self._decoy, password[:MAX_PASSWORD])
