@@ -454,6 +454,24 @@ class UiConfig(_Section):
     failed_signin_window_seconds: int = Field(900, ge=10, le=24 * 3600)
 
 
+class AuditConfig(_Section):
+    """The audit chain (docs/audit-format.md)."""
+
+    # Sign a checkpoint of the chain's head this often (when it has moved); 0: only on
+    # demand (`taskbound audit checkpoint`).
+    checkpoint_interval_seconds: int = Field(300, ge=0, le=24 * 3600)
+    # Where checkpoints are published outside the database, as they are made: a JSON
+    # Lines file (appended) and/or a URL (POSTed; https, or http on loopback).
+    checkpoint_file: Path | None = None
+    checkpoint_webhook_url: str | None = Field(None, min_length=1, max_length=2048)
+
+    @model_validator(mode="after")
+    def _webhook(self) -> AuditConfig:
+        if self.checkpoint_webhook_url is not None:
+            check_signal_url(self.checkpoint_webhook_url, "audit.checkpoint_webhook_url")
+        return self
+
+
 class PolicyConfig(_Section):
     # A directory of *.cedar files; the default pack shipped with taskbound when absent.
     dir: Path | None = None
@@ -484,6 +502,7 @@ class Settings(_Section):
     approvals: ApprovalsConfig = ApprovalsConfig()
     breakglass: BreakGlassConfig = BreakGlassConfig()
     ui: UiConfig = UiConfig()
+    audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

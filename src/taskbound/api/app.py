@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from prometheus_client import (
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from taskbound.api.http import (
@@ -41,6 +42,7 @@ from taskbound.api.http import (
     read_json,
 )
 from taskbound.config import Settings
+from taskbound.core import audit as audit_report
 from taskbound.core.approvals import SIGNATURE_HEADER
 from taskbound.core.breakglass import BreakGlass
 from taskbound.core.clock import to_epoch
@@ -64,6 +66,7 @@ from taskbound.core.model import (
 )
 from taskbound.core.signals import MAX_SET_LENGTH, SignalRejected
 from taskbound.errors import (
+    Conflict,
     Forbidden,
     InvalidRequest,
     MethodNotAllowed,
@@ -74,6 +77,7 @@ from taskbound.errors import (
 )
 from taskbound.gateway.app import Gateway, gateway_routes
 from taskbound.service.admin import authenticate_admin
+from taskbound.service.audit_chain import ocsf
 from taskbound.service.broker import (
     AgentCaller,
     ExchangeRequest,
@@ -347,6 +351,25 @@ def audit_view(seq: int, e: AuditEvent) -> dict[str, Any]:
         "upstream_status": e.upstream_status,
         "exception": e.exception_id,
         "detail": e.detail,
+    }
+
+
+# The equality filters of `GET /v1/admin/audit`.
+AUDIT_FILTERS = ("agent", "task", "owner", "tool", "decision", "txn", "exception")
+
+
+def report_view(report: audit_report.Report) -> dict[str, Any]:
+    problem = report.problem
+    return {
+        "ok": report.ok,
+        "records": report.records,
+        "checkpoints": report.checkpoints,
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+        "head": report.head,
+        "problem": None
+        if problem is None
+        else {"kind": problem.kind, "seq": problem.seq, "detail": problem.detail},
     }
 
 
@@ -1122,6 +1145,92 @@ def create_app(
             approval_view(decided, svc().clock.now(), full=True, votes=votes), no_store=True
         )
 
+    # --- the audit trail (docs/audit-format.md) ----------------------------------------
+
+    @route("/v1/admin/audit", methods=["GET"])
+    async def audit_list(request: Request) -> Response:
+        """Audit records, filtered (agent, task, owner, tool, decision, txn, exception,
+        since, until), oldest first after ``after``, or newest first with ``order=desc``."""
+        await admin(request)
+        q = request.query_params
+        try:
+            after, limit = int(q.get("after", "0")), int(q.get("limit", "100"))
+            since = datetime.fromisoformat(q["since"]) if "since" in q else None
+            until = datetime.fromisoformat(q["until"]) if "until" in q else None
+        except ValueError:
+            raise InvalidRequest(
+                "after and limit must be numbers, since and until RFC 3339 times"
+            ) from None
+        if after < 0 or not 1 <= limit <= 1000:
+            raise InvalidRequest("after must be >= 0 and limit between 1 and 1000")
+        if any(t is not None and t.tzinfo is None for t in (since, until)):
+            raise InvalidRequest("since and until need a time zone (e.g. Z)")
+        if q.get("order", "asc") not in ("asc", "desc"):
+            raise InvalidRequest("order must be asc or desc")
+        found = await svc().storage.list_audit(
+            after=after,
+            limit=limit,
+            **{k: q.get(k) or None for k in AUDIT_FILTERS},
+            since=since,
+            until=until,
+            descending=q.get("order") == "desc",
+        )
+        return json_response({"records": [audit_view(seq, e) for seq, e in found]})
+
+    @route("/v1/admin/audit/export", methods=["GET"])
+    async def audit_export(request: Request) -> Response:
+        """The chain as JSON Lines (records with their links, then the checkpoints) or as
+        OCSF events, one per line, streamed (``?format=jsonl|ocsf``, ``?after=``)."""
+        await admin(request)
+        q = request.query_params
+        fmt = q.get("format", "jsonl")
+        if fmt not in ("jsonl", "ocsf"):
+            raise InvalidRequest("format must be jsonl or ocsf")
+        try:
+            after = int(q.get("after", "0"))
+        except ValueError:
+            raise InvalidRequest("after must be a number") from None
+        chain = svc().audit
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for record in chain.records(after):
+                line = record.line() if fmt == "jsonl" else ocsf(record)
+                yield (json.dumps(line, separators=(",", ":")) + "\n").encode()
+            if fmt == "jsonl":
+                for point in await svc().storage.list_checkpoints(limit=1_000_000):
+                    yield (json.dumps(point.line(), separators=(",", ":")) + "\n").encode()
+
+        return StreamingResponse(
+            lines(),
+            media_type="application/x-ndjson",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    @route("/v1/admin/audit/verify", methods=["GET"])
+    async def audit_verify(request: Request) -> Response:
+        """Verify the live store: every record, link and checkpoint."""
+        await admin(request)
+        return json_response(report_view(await svc().audit.verify()), no_store=True)
+
+    @route("/v1/admin/audit/checkpoints", methods=["GET", "POST"])
+    async def audit_checkpoints(request: Request) -> Response:
+        """POST: sign the chain's head now; GET: the checkpoints kept."""
+        await admin(request)
+        if request.method == "POST":
+            point = await svc().audit.checkpoint()
+            if point is None:
+                raise Conflict("the audit chain is empty: nothing to sign")
+            return json_response(point.line() | {"time": point.time.isoformat()}, 201)
+        points = await svc().storage.list_checkpoints(limit=1_000_000)
+        return json_response(
+            {"checkpoints": [c.line() | {"time": c.time.isoformat()} for c in points]}
+        )
+
+    @route("/.well-known/audit-jwks.json", methods=["GET"])
+    async def audit_jwks(request: Request) -> Response:
+        """The public keys that verify audit checkpoints (keep a copy with archives)."""
+        return json_response(svc().audit.jwks())
+
     # --- break-glass exceptions (docs/breakglass.md) -----------------------------------
 
     @route("/v1/admin/breakglass", methods=["GET", "POST"])
@@ -1265,6 +1374,7 @@ def create_app(
         mint_identity, healthz, readyz, metrics_endpoint,
         get_approval, list_approvals, decide_approval, acknowledge_approval,
         breakglass, breakglass_one, breakglass_verb,
+        audit_list, audit_export, audit_verify, audit_checkpoints, audit_jwks,
     ]  # fmt: skip
     routes += [ssf_configuration, ssf_jwks, receive_signal]
     if settings.ui.enabled:
@@ -1285,6 +1395,7 @@ def create_app(
         state["services"].revocations.start()
         if sweep:
             background.append(asyncio.create_task(_sweep_forever(state["services"])))
+            background.append(asyncio.create_task(state["services"].audit.run()))
             if settings.policy.watch:
                 background.append(
                     asyncio.create_task(

@@ -65,6 +65,7 @@ class KeyPurpose(StrEnum):
     DEV_IDENTITY = "dev_identity"
     SIGNALS = "signals"  # Security Event Tokens sent to Shared Signals receivers
     TRANSACTION = "transaction"  # Txn-Tokens the gateway sends to tools with each call
+    AUDIT = "audit"  # checkpoints of the audit chain's head
 
 
 @dataclass(frozen=True, slots=True)

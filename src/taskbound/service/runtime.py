@@ -15,6 +15,7 @@ from taskbound.core.grant import GrantDecider
 from taskbound.core.model import KeyPurpose
 from taskbound.core.secretbox import SecretBox
 from taskbound.service.approvals import Approvals
+from taskbound.service.audit_chain import AuditChain
 from taskbound.service.breakglass import BreakGlassService
 from taskbound.service.broker import Broker
 from taskbound.service.events import Events
@@ -52,6 +53,8 @@ class Services:
     approvals: Approvals
     # Break-glass exceptions: grant, early end, review.
     breakglass: BreakGlassService
+    # The audit chain's checkpoints, verification and export.
+    audit: AuditChain
     # Resources other components opened on these services (the gateway's upstream pool).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Shared Signals: out (None without receivers; started by the app), in (None without
@@ -90,7 +93,7 @@ async def open_services(
         # A retiring key stays published as long as anything it signed can still be valid.
         overlap = timedelta(seconds=creds.max_ttl_seconds + creds.clock_leeway_seconds)
         keys = KeyManager(storage, box, clock, algorithm=settings.keys.algorithm, overlap=overlap)
-        purposes: tuple[KeyPurpose, ...] = (KeyPurpose.CREDENTIALS,)
+        purposes: tuple[KeyPurpose, ...] = (KeyPurpose.CREDENTIALS, KeyPurpose.AUDIT)
         if settings.identity.dev_issuer:
             purposes += (KeyPurpose.DEV_IDENTITY,)
         if settings.signals.receivers:
@@ -135,6 +138,7 @@ async def open_services(
         exceptions = BreakGlassService(
             settings.breakglass, storage, clock, after_revocation=revocations.sync
         )
+        chain = AuditChain(settings, storage, keys, clock, http)
         signal_receiver = None
         if settings.signals.transmitters:
             signal_receiver = SignalReceiver(
@@ -164,6 +168,7 @@ async def open_services(
         revocations,
         approvals,
         exceptions,
+        chain,
         signal_sender=signal_sender,
         signal_receiver=signal_receiver,
     )

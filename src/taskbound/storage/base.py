@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from taskbound.core.audit import ChainRecord, Checkpoint
 from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
     AdminToken,
@@ -273,7 +274,8 @@ class AuditStore(Protocol):
     strictly increasing, from 1, assigned in commit order, so a reader that has seen ``n``
     never later finds a new record numbered ``n`` or below (``list_audit(after=n)`` is a
     safe tail). Numbers may skip (a failed insert on PostgreSQL uses one up), so count
-    records, not numbers.
+    records, not numbers. (With the chain, numbers no longer skip: each append numbers
+    its records after the head it reads under the chain's lock.)
 
     Text fields hold no NUL character (``ValueError``, nothing stored, as for all text);
     ``detail`` is cut to 2,000 characters, ending in a marker, instead of failing.
@@ -299,12 +301,47 @@ class AuditStore(Protocol):
         owner: str | None = None,
         decision: str | None = None,
         exception: str | None = None,
+        tool: str | None = None,
+        txn: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         descending: bool = False,
     ) -> list[tuple[int, AuditEvent]]:
         """``(seq, event)`` pairs with ``seq > after``, ascending (``descending``: the
         newest first, and ``after`` is ignored), at most ``limit`` of them, only those
-        matching every filter given (``exception``: the break-glass exception relied on).
+        matching every filter given (``exception``: the break-glass exception relied on;
+        ``since`` inclusive, ``until`` exclusive).
         A negative ``after`` or ``limit`` is a ``ValueError``."""
+        ...
+
+
+class AuditChainStore(Protocol):
+    """The audit chain (docs/audit-format.md): every appended record is numbered after the
+    head and linked to it by hash in the same transaction, serialised in the database
+    (PostgreSQL: an advisory lock held to the commit; SQLite: one writer at a time), so
+    that every replica extends one chain with gapless sequence numbers. Signed checkpoints
+    of the head are kept beside it."""
+
+    async def audit_head(self) -> tuple[int, str]:
+        """(seq, hash) of the last record; ``(0, GENESIS)`` for an empty chain."""
+        ...
+
+    async def list_chain(self, *, after: int = 0, limit: int = 1000) -> list[ChainRecord]:
+        """Records with ``seq > after`` as the chain holds them, ascending."""
+        ...
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Keep a signed checkpoint; Conflict when one for that seq exists."""
+        ...
+
+    async def list_checkpoints(self, *, after: int = -1, limit: int = 1000) -> list[Checkpoint]:
+        """Checkpoints with ``seq > after``, ascending."""
+        ...
+
+    async def delete_audit_through(self, seq: int) -> int:
+        """Retention: delete the records up to and including ``seq`` once they have been
+        archived. Refused (ValueError) for the head or when no checkpoint pins ``seq``
+        (the live chain must stay verifiable from it). How many were deleted."""
         ...
 
 
@@ -454,6 +491,7 @@ class Storage(
     RevocationStore,
     AdminTokenStore,
     AuditStore,
+    AuditChainStore,
     ApprovalStore,
     BreakGlassStore,
     UiStore,

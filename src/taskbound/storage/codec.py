@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from taskbound.core import audit
 from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
     Action,
@@ -830,4 +831,46 @@ def session_from(row: Mapping[Any, Any]) -> UiSession:
         csrf=row["csrf"],
         created_at=utc(row["created_at"]),
         expires_at=utc(row["expires_at"]),
+    )
+
+
+# --- the audit chain ----------------------------------------------------------------------
+
+
+def audit_body(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """The chain body (docs/audit-format.md) of a stored audit row: built from the stored
+    values, so that a record verifies exactly as it reads back."""
+    return audit.body_of(audit_from(row)[1])
+
+
+def chain_rows(rows: list[Row], head_seq: int, head_hash: str) -> list[Row]:
+    """``rows`` (from :func:`audit_row`) numbered after the head and chained to it."""
+    events = [audit_from({**row, "seq": 0})[1] for row in rows]
+    records = audit.chain(head_seq, head_hash, events)
+    return [
+        {**row, "seq": rec.seq, "prev_hash": rec.prev, "hash": rec.hash}
+        for row, rec in zip(rows, records, strict=True)
+    ]
+
+
+def chain_record_from(row: Mapping[Any, Any]) -> audit.ChainRecord:
+    return audit.ChainRecord(
+        seq=int(row["seq"]), prev=row["prev_hash"], hash=row["hash"], body=audit_body(row)
+    )
+
+
+def checkpoint_row(cp: audit.Checkpoint) -> Row:
+    return _text_checked(
+        {"seq": cp.seq, "hash": cp.hash, "time": utc(cp.time), "kid": cp.kid, "jws": cp.jws}
+    )
+
+
+def checkpoint_from(row: Mapping[Any, Any], issuer: str = "") -> audit.Checkpoint:
+    return audit.Checkpoint(
+        seq=int(row["seq"]),
+        hash=row["hash"],
+        time=utc(row["time"]),
+        issuer=issuer,
+        kid=row["kid"],
+        jws=row["jws"],
     )

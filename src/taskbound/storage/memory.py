@@ -17,8 +17,9 @@ from typing import TypeVar
 
 from sqlalchemy import JSON, Table
 
-from taskbound.core import breakglass
+from taskbound.core import audit, breakglass
 from taskbound.core.approvals import cast_vote, due_to_expire
+from taskbound.core.audit import ChainRecord, Checkpoint
 from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
     AdminToken,
@@ -125,7 +126,7 @@ class MemoryStorage:
         self._admin_tokens = _Table(schema.admin_tokens)
         # Keyed by str(seq), inserted in seq order; never updated or deleted.
         self._audit = _Table(schema.audit_events)
-        self._audit_seq = 0
+        self._checkpoints = _Table(schema.audit_checkpoints)
         self._revocations: list[Revocation] = []  # in seq order
         self._revocation_seq = 0
         self._cursors: dict[str, int] = {}
@@ -700,14 +701,48 @@ class MemoryStorage:
         return seq
 
     async def append_audits(self, events: Sequence[AuditEvent]) -> list[int]:
-        rows = [self._audit.encode(codec.audit_row(e)) for e in events]  # all checked first
-        seqs = []
-        for row in rows:
-            self._audit_seq += 1
-            seq = self._audit_seq
-            self._audit.insert(str(seq), {"seq": seq, **row})
-            seqs.append(seq)
-        return seqs
+        rows = [codec.audit_row(e) for e in events]  # all checked first
+        chained = codec.chain_rows(rows, *await self.audit_head())
+        encoded = [self._audit.encode(r) for r in chained]
+        for row in encoded:
+            self._audit.insert(str(row["seq"]), row)
+        return [int(r["seq"]) for r in chained]
+
+    async def audit_head(self) -> tuple[int, str]:
+        rows = self._audit.rows()
+        if not rows:
+            return 0, audit.GENESIS
+        last = max((r for _, r in rows), key=lambda r: r["seq"])
+        return int(last["seq"]), str(last["hash"])
+
+    async def list_chain(self, *, after: int = 0, limit: int = 1000) -> list[ChainRecord]:
+        codec.check_audit_query(after, limit)
+        rows = sorted(
+            (r for _, r in self._audit.rows() if r["seq"] > after), key=lambda r: r["seq"]
+        )
+        return [codec.chain_record_from(self._audit.decode(r)) for r in rows[:limit]]
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        row = codec.checkpoint_row(checkpoint)
+        _require_new(self._checkpoints, str(checkpoint.seq))
+        self._checkpoints.insert(str(checkpoint.seq), row)
+
+    async def list_checkpoints(self, *, after: int = -1, limit: int = 1000) -> list[Checkpoint]:
+        rows = sorted(
+            (r for _, r in self._checkpoints.rows() if r["seq"] > after), key=lambda r: r["seq"]
+        )
+        return [codec.checkpoint_from(r) for r in rows[:limit]]
+
+    async def delete_audit_through(self, seq: int) -> int:
+        head, _ = await self.audit_head()
+        if seq >= head:
+            raise ValueError("the head of the chain is never archived away")
+        if str(seq) not in self._checkpoints:
+            raise ValueError(f"no checkpoint pins record {seq}: take one first")
+        doomed = [k for k, r in self._audit.rows() if r["seq"] <= seq]
+        for key in doomed:
+            self._audit.delete(key)
+        return len(doomed)
 
     async def list_audit(
         self,
@@ -719,6 +754,10 @@ class MemoryStorage:
         owner: str | None = None,
         decision: str | None = None,
         exception: str | None = None,
+        tool: str | None = None,
+        txn: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         descending: bool = False,
     ) -> list[tuple[int, AuditEvent]]:
         codec.check_audit_query(after, limit)
@@ -728,12 +767,18 @@ class MemoryStorage:
             "owner": owner,
             "decision": decision,
             "exception_id": exception,
+            "tool": tool,
+            "txn": txn,
         }
+        start = None if since is None else codec.utc(since)
+        end = None if until is None else codec.utc(until)
         rows = [
             r
             for _, r in self._audit.rows()
             if (descending or r["seq"] > after)
             and all(v is None or r[k] == v for k, v in wanted.items())
+            and (start is None or r["time"] >= start)
+            and (end is None or r["time"] < end)
         ]
         rows.sort(key=lambda r: r["seq"], reverse=descending)
         return _decoded(self._audit, rows[:limit], codec.audit_from)

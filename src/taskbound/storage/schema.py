@@ -231,6 +231,9 @@ audit_events = Table(
     Column("txn", String, nullable=True),
     # The break-glass exception the event relied on (flagged in the audit, issue 7).
     Column("exception_id", String, nullable=True),
+    # The chain (docs/audit-format.md): the hash of the record before, and this one's.
+    Column("prev_hash", String, nullable=False),
+    Column("hash", String, nullable=False),
     # list_audit(task=...) / (agent=...) / (exception=...) read a range in seq order.
     Index(None, "task", "seq"),
     Index(None, "agent", "seq"),
@@ -364,4 +367,15 @@ ui_sessions = Table(
     Column("csrf", String, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False, index=True),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    # A signed statement of the chain's head (seq, hash) at a moment (a compact JWS).
+    Column("seq", BigInteger, primary_key=True),
+    Column("hash", String, nullable=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("kid", String, nullable=False),
+    Column("jws", Text, nullable=False),
 )

@@ -57,8 +57,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Select
 
-from taskbound.core import breakglass
+from taskbound.core import audit, breakglass
 from taskbound.core.approvals import cast_vote, due_to_expire
+from taskbound.core.audit import ChainRecord, Checkpoint
 from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
     AdminToken,
@@ -105,8 +106,12 @@ _ID_CHUNK = 500
 _ACTIVE = TaskState.ACTIVE.value
 _PENDING = ApprovalState.PENDING.value
 _APPROVED = ApprovalState.APPROVED.value
-_AUDIT_INSERT = t.audit_events.insert().returning(
-    t.audit_events.c.seq, sort_by_parameter_order=True
+_AUDIT_INSERT = t.audit_events.insert()
+# The head of the chain: the last record (the primary key index, read backwards).
+_AUDIT_HEAD = (
+    select(t.audit_events.c.seq, t.audit_events.c.hash)
+    .order_by(t.audit_events.c.seq.desc())
+    .limit(1)
 )
 
 # pg_advisory_xact_lock key held by append_audit: the bytes of "tb:audit" as a bigint.
@@ -185,6 +190,11 @@ def storage_error(exc: BaseException, secrets: tuple[str, ...]) -> StorageError:
 
 
 _SQLITE_UNIQUE = frozenset({sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY})
+
+
+def _head(row: Any) -> tuple[int, str]:
+    """(seq, hash) of the chain's head row, or the start of an empty chain."""
+    return (0, audit.GENESIS) if row is None else (int(row[0]), str(row[1]))
 
 
 def _integrity_error(exc: IntegrityError, secrets: tuple[str, ...]) -> TaskboundError:
@@ -1100,18 +1110,16 @@ class SqlStorage:
             return seqs
         async with self._transaction(write=True) as conn:
             if self._postgres:
-                # Held to the commit: the next append takes its number only after this one
-                # is visible. (SQLite's BEGIN IMMEDIATE already orders writers.)
+                # Held to the commit: the next append reads the head only after this one
+                # is visible, so every replica extends ONE chain. (SQLite's BEGIN
+                # IMMEDIATE already orders writers.)
                 await conn.execute(
                     select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
                 )
-            # One multi-row INSERT ... RETURNING ("insertmanyvalues"); the returned numbers
-            # come back in the order of the given rows.
-            result = await conn.execute(_AUDIT_INSERT, rows)
-            seqs = [int(seq) for seq in result.scalars().all()]
-        if len(seqs) != len(rows):
-            raise TaskboundError(internal="audit_events: insert returned no sequence")
-        return seqs
+            head = (await conn.execute(_AUDIT_HEAD)).first()
+            chained = codec.chain_rows(rows, *_head(head))
+            await conn.execute(_AUDIT_INSERT, chained)
+        return [int(r["seq"]) for r in chained]
 
     def _append_audits_sync(self, rows: list[dict[str, Any]]) -> list[int]:
         """The SQLite append, in the audit thread: one BEGIN IMMEDIATE transaction (writers
@@ -1128,12 +1136,56 @@ class SqlStorage:
             with self._audit_engine.connect() as conn:
                 conn = conn.execution_options(**immediate_begin_option())
                 with conn.begin():
-                    result = conn.execute(_AUDIT_INSERT, rows)
-                    return [int(seq) for seq in result.scalars().all()]
+                    head = conn.execute(_AUDIT_HEAD).first()
+                    chained = codec.chain_rows(rows, *_head(head))
+                    conn.execute(_AUDIT_INSERT, chained)
+                    return [int(r["seq"]) for r in chained]
         except IntegrityError as exc:
             raise _integrity_error(exc, self._secrets) from exc
         except (SQLAlchemyError, OSError) as exc:
             raise storage_error(exc, self._secrets) from exc
+
+    async def audit_head(self) -> tuple[int, str]:
+        async with self._transaction() as conn:
+            return _head((await conn.execute(_AUDIT_HEAD)).first())
+
+    async def list_chain(self, *, after: int = 0, limit: int = 1000) -> list[ChainRecord]:
+        codec.check_audit_query(after, limit)
+        c = t.audit_events.c
+        query = select(t.audit_events).where(c.seq > after).order_by(c.seq).limit(limit)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [codec.chain_record_from(r) for r in rows]
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        await self._execute_one(t.audit_checkpoints.insert(), codec.checkpoint_row(checkpoint))
+
+    async def list_checkpoints(self, *, after: int = -1, limit: int = 1000) -> list[Checkpoint]:
+        k = t.audit_checkpoints.c
+        query = select(t.audit_checkpoints).where(k.seq > after).order_by(k.seq).limit(limit)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [codec.checkpoint_from(r) for r in rows]
+
+    async def delete_audit_through(self, seq: int) -> int:
+        c = t.audit_events.c
+        async with self._transaction(write=True) as conn:
+            if self._postgres:
+                await conn.execute(
+                    select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
+                )
+            head, _ = _head((await conn.execute(_AUDIT_HEAD)).first())
+            if seq >= head:
+                raise ValueError("the head of the chain is never archived away")
+            pinned = await conn.scalar(
+                select(t.audit_checkpoints.c.seq).where(t.audit_checkpoints.c.seq == seq)
+            )
+            if pinned is None:
+                raise ValueError(f"no checkpoint pins record {seq}: take one first")
+            deleted = await conn.execute(
+                delete(t.audit_events).where(c.seq <= seq).execution_options(preserve_rowcount=True)
+            )
+            return int(deleted.rowcount)
 
     async def list_audit(
         self,
@@ -1145,10 +1197,14 @@ class SqlStorage:
         owner: str | None = None,
         decision: str | None = None,
         exception: str | None = None,
+        tool: str | None = None,
+        txn: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
         descending: bool = False,
     ) -> list[tuple[int, AuditEvent]]:
         codec.check_audit_query(after, limit)
-        if codec.has_nul(task, agent, owner, decision, exception):
+        if codec.has_nul(task, agent, owner, decision, exception, tool, txn):
             return []
         c = t.audit_events.c
         query = select(t.audit_events).limit(limit)
@@ -1162,9 +1218,15 @@ class SqlStorage:
             (c.owner, owner),
             (c.decision, decision),
             (c.exception_id, exception),
+            (c.tool, tool),
+            (c.txn, txn),
         ):
             if value is not None:
                 query = query.where(column == value)
+        if since is not None:
+            query = query.where(c.time >= codec.utc(since))
+        if until is not None:
+            query = query.where(c.time < codec.utc(until))
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.audit_from(r) for r in rows]
