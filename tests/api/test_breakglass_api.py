@@ -325,15 +325,17 @@ async def test_an_exception_widens_the_grant_and_flags_every_call(world: World) 
         ("list_issues", "allow", None),
     ]
 
-    # Its page lists every record made under it: its grant and the write call, not the read.
+    # Its page lists every record made under it: its grant, the credential issued under it
+    # and the write call, not the read.
     page = await world.get(bg["id"])
     assert page["state"] == "active"
     assert [(c["event"], c["action"]) for c in page["calls"]] == [
         ("breakglass.granted", None),
+        ("credential.issued", None),
         ("gateway.call", "create_issue"),
     ]
     assert {c["exception"] for c in page["calls"]} == {bg["id"]}
-    call = page["calls"][1]
+    call = page["calls"][2]
     assert (call["decision"], call["task"], call["agent"]) == ("allow", task["id"], AGENT)
     assert call["jti"] == claims(write["access_token"])["jti"]
 
@@ -365,7 +367,10 @@ async def test_an_exception_adds_only_its_scopes_and_only_for_its_agent(world: W
     # Another agent with write in its own ceiling gets a credential relying on nothing.
     _, other = await world.task("write", spiffe_id=WRITER)
     assert "tb_exc" not in claims(creds(other)["write"]["access_token"])
-    assert [c["event"] for c in (await world.get(bg["id"]))["calls"]] == ["breakglass.granted"]
+    assert [c["event"] for c in (await world.get(bg["id"]))["calls"]] == [
+        "breakglass.granted",
+        "credential.issued",  # the first agent's write credential, not the other's
+    ]
 
 
 async def test_policy_sees_that_a_scope_relies_on_an_exception(policed: World) -> None:
@@ -396,6 +401,7 @@ async def test_policy_sees_that_a_scope_relies_on_an_exception(policed: World) -
     page = await world.get(bg["id"])
     assert [(c["event"], c["decision"]) for c in page["calls"]] == [
         ("breakglass.granted", "allow"),
+        ("credential.issued", "info"),
         ("gateway.call", "deny"),
     ]
 
@@ -563,7 +569,9 @@ async def test_ending_early_revokes_what_relies_on_it(world: World) -> None:
     # Its page has it all, the refused calls made with revoked credentials included.
     assert [(c["event"], c["code"]) for c in page["calls"]] == [
         ("breakglass.granted", None),
+        ("credential.issued", None),
         ("gateway.call", None),
+        ("credential.issued", None),
         *[("breakglass.refused", "role_required")] * 4,
         ("gateway.call", None),
         ("breakglass.ended", None),

@@ -213,15 +213,18 @@ async def test_grant_list_show_end_review(live: Live) -> None:
     for text in (
         f"{first['id']} active",
         JUSTIFICATION,
-        f"3 audit record(s) flagged with {first['id']}: 1 gateway call(s), 1 not allowed",
+        f"4 audit record(s) flagged with {first['id']}: 1 gateway call(s), 1 not allowed",
         "held for approval apr_",
     ):
         assert text in run.text, text
-    # The grant, the approval the held call asked for, and the call itself.
-    assert column(run.stdout, 2) == "breakglass.grantedapproval.requestedgateway.call"
-    assert column(run.stdout, 3) == "allowapproval_requiredapproval_required"
-    assert column(run.stdout, 4) == "issues.wipe(admin)" * 2  # folded at the space
-    assert column(run.stdout, 5) == task_id * 2
+    # The grant, the credential issued under it, the approval the held call asked for, and
+    # the call itself.
+    assert column(run.stdout, 2) == (
+        "breakglass.grantedcredential.issuedapproval.requestedgateway.call"
+    )
+    assert column(run.stdout, 3) == "allowinfoapproval_requiredapproval_required"
+    assert column(run.stdout, 4) == "issues(admin)" + "issues.wipe(admin)" * 2  # folded
+    assert column(run.stdout, 5) == task_id * 3
     shown = (await cli(live, "breakglass", "show", first["id"], "--json")).json()
     assert shown["id"] == first["id"]
     events = [c["event"] for c in shown["calls"]]

@@ -23,7 +23,11 @@ async def test_an_allowed_call_reaches_the_upstream_with_its_secret_only(world: 
     assert headers["authorization"] == UPSTREAM_SECRET  # injected
     assert "dpop" not in headers  # the agent's proof never goes upstream
     assert all(token not in v for v in headers.values())  # nor its credential
-    (event,) = [e for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])]
+    (event,) = [
+        e
+        for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])
+        if e.event == "gateway.call"
+    ]
     assert (event.decision, event.tool, event.action, event.tier) == (
         "allow",
         "issues",

@@ -148,7 +148,11 @@ async def test_every_forwarded_call_carries_a_fresh_txn_token(txn_world: TxnWorl
     first, second = (world.http_seen.txn_tokens(i) for i in (0, 1))
     assert len(first) == len(second) == 1
     assert first != second  # a fresh token per call
-    events = [e for _, e in await world.live.services.storage.list_audit(task=task_id)]
+    events = [
+        e
+        for _, e in await world.live.services.storage.list_audit(task=task_id)
+        if e.event == "gateway.call"
+    ]
     for raw, event in zip((first[0], second[0]), events, strict=True):
         got = await world.verify(raw, "issues")
         assert got.txn == task_id
@@ -275,7 +279,11 @@ async def test_an_mcp_batch_carries_one_token_naming_each_call(txn_world: TxnWor
     assert r.status_code == 200, r.text
     (raw,) = world.http_seen.txn_tokens()
     got = await world.verify(raw, "batcher")
-    events = [e for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])]
+    events = [
+        e
+        for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])
+        if e.event == "gateway.call"
+    ]
     assert got.tctx["calls"] == [
         {"action": "search", "argument_digest": e.argument_digest} for e in events
     ]

@@ -292,7 +292,11 @@ async def test_authorization_server_down_refuses_and_audits(xworld: ExchangeWorl
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == "upstream_credential_unavailable"
     assert world.echo.seen == []  # never forwarded without a credential
-    (event,) = [e for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])]
+    (event,) = [
+        e
+        for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])
+        if e.event == "gateway.call"
+    ]
     assert (event.decision, event.code, event.txn) == (
         "deny",
         "upstream_credential_unavailable",
@@ -319,7 +323,11 @@ async def test_authorization_server_refusing_refuses_the_call(
     r = await world.call(agent, t["creds"]["crm:read"])
     assert (r.status_code, r.json()["code"]) == (502, "upstream_credential_unavailable")
     assert world.echo.seen == []
-    (event,) = [e for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])]
+    (event,) = [
+        e
+        for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])
+        if e.event == "gateway.call"
+    ]
     assert event.code == "upstream_credential_unavailable"
     assert reason in (event.detail or "")
     # Nothing was cached: once the server answers, the same task gets its token.
@@ -347,7 +355,11 @@ async def test_a_subject_token_for_another_audience_is_refused(xworld: ExchangeW
     agent, t = await world.task(("crm", "read"))
     r = await world.call(agent, t["creds"]["crm:read"])
     assert (r.status_code, r.json()["code"]) == (502, "upstream_credential_unavailable")
-    (event,) = [e for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])]
+    (event,) = [
+        e
+        for _, e in await world.live.services.storage.list_audit(task=t["task"]["id"])
+        if e.event == "gateway.call"
+    ]
     assert "HTTP 400, invalid_request" in (event.detail or "")
 
 

@@ -3,6 +3,9 @@
 A token is 256 random bits shown once; only its SHA-256 is stored. Lookup is by hash,
 and the stored hash is compared again in constant time. Admin identity is kept behind
 :func:`authenticate_admin` so that OIDC sign-in can be added beside tokens later.
+
+Creating a token is an audit record (``admin.token.created``) naming the token's id, never
+the token or its hash.
 """
 
 from __future__ import annotations
@@ -12,15 +15,21 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 from taskbound.core.clock import Clock
 from taskbound.core.model import AdminToken
 from taskbound.errors import InvalidAdminToken
-from taskbound.storage.base import AdminTokenStore
+from taskbound.service.audit_records import clip, record_change
+from taskbound.storage.base import AdminTokenStore, AuditStore
 
 log = logging.getLogger("taskbound.admin")
 
 ADMIN_TOKEN_PREFIX = "tbat_"  # noqa: S105 - a public prefix, not a secret
+
+
+class AdminTokenAuditStore(AdminTokenStore, AuditStore, Protocol):
+    """Where admin tokens are kept, and the audit log their creation is recorded in."""
 
 
 def hash_admin_token(token: str) -> str:
@@ -34,8 +43,9 @@ class NewAdminToken:
 
 
 async def create_admin_token(
-    store: AdminTokenStore, clock: Clock, description: str
+    store: AdminTokenAuditStore, clock: Clock, description: str, *, cause: str = "system"
 ) -> NewAdminToken:
+    """A new admin token, shown once; durable, and recorded, when this returns."""
     token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
     record = AdminToken(
         id="adm_" + secrets.token_urlsafe(8),
@@ -45,6 +55,13 @@ async def create_admin_token(
     )
     await store.add_admin_token(record)
     log.info("admin token created", extra={"event": "admin_token.created", "token_id": record.id})
+    await record_change(
+        store,
+        clock,
+        "admin.token.created",
+        f"admin token {record.id} created: {clip(description)}",
+        cause=cause,
+    )
     return NewAdminToken(token, record)
 
 

@@ -2,11 +2,20 @@
 §9). Orchestrates the pure core (identity, DPoP, grant decision, token minting) with storage.
 
 Every refusal raises a :class:`taskbound.errors.TaskboundError` with a stable code, is
-logged with its full internal reason, and persists nothing.
+logged with its full internal reason, and persists nothing but its audit record.
+
+Audit (issue 8): a task's start (``task.started``, one ``credential.issued`` per
+credential) and end (``task.ended``: completed, cancelled, revoked, expired), a refreshed
+credential (``credential.issued``), a revoked one (``credential.revoked``) and a refused
+start or refresh (``task.refused``, ``credential.refused``) are audit records, durable
+before the method returns. A credential is handed out only once its record is durable;
+when the record cannot be written, the task or credential (already committed) is ended
+again, best effort, and the error propagates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +38,7 @@ from taskbound.core.grant import GrantDecider, GrantRequest, ScopeRequest
 from taskbound.core.identity import WorkloadIdentity
 from taskbound.core.model import (
     AgentState,
+    AuditEvent,
     CredentialRecord,
     KeyPurpose,
     ScopeGrant,
@@ -52,6 +62,7 @@ from taskbound.errors import (
     TTLExceedsCap,
     UnknownAgent,
 )
+from taskbound.service.audit_records import INFO, clip, listing
 from taskbound.service.events import Change, Events
 from taskbound.service.identity import IdentityVerifier, unverified_kid
 from taskbound.service.keys import KeyManager
@@ -205,6 +216,29 @@ class Broker:
     # --- tasks -------------------------------------------------------------------------
 
     async def start_task(self, caller: AgentCaller, req: StartTaskRequest) -> TaskStarted:
+        """Decide and start a task, minting a credential per granted scope. Its records
+        (``task.started`` and a ``credential.issued`` per credential, in one transaction)
+        are durable before it returns; a refusal is a ``task.refused`` record."""
+        try:
+            started, decided_by = await self._start_task(caller, req)
+        except TaskboundError as err:
+            if err.status < 500:
+                await self._refused(
+                    "task.refused",
+                    err,
+                    agent=caller.identity.spiffe_id,
+                    owner=clip(req.on_behalf_of, 64),
+                    intent=req.purpose,
+                    detail="scopes requested: "
+                    + listing(f"{s.tool}:{s.tier.value}" for s in req.scopes),
+                )
+            raise
+        await self._audit_start(started, decided_by)
+        return started
+
+    async def _start_task(
+        self, caller: AgentCaller, req: StartTaskRequest
+    ) -> tuple[TaskStarted, tuple[str, ...]]:
         now = self._clock.now()
         spiffe_id = caller.identity.spiffe_id
         cap = self._settings.credentials.task_max_ttl_seconds
@@ -268,7 +302,33 @@ class Broker:
                 "decided_by": list(decision.determined_by),
             },
         )
-        return TaskStarted(task, issued)
+        return TaskStarted(task, issued), tuple(decision.determined_by)
+
+    async def _audit_start(self, started: TaskStarted, decided_by: tuple[str, ...]) -> None:
+        task = started.task
+        granted = listing(f"{g.tool}:{g.tier.value} ({', '.join(g.actions)})" for g in task.granted)
+        denied = listing(f"{d.tool}:{d.tier} ({d.code})" for d in task.denied)
+        detail = f"granted {granted}; denied {denied}; expires {task.expires_at.isoformat()}"
+        if task.may_act is not None:
+            detail += f"; may be delegated to {clip(task.may_act)}"
+        events = [
+            self._task_event(task, "task.started", detail, policies=decided_by),
+            *(self._issued_event(task, c, decided_by) for c in started.credentials),
+        ]
+        try:
+            await self._storage.append_audits(events)
+        except Exception:
+            # No credential is handed out without its record; the task, committed already,
+            # is ended so that nothing of it stays live unrecorded.
+            with contextlib.suppress(Exception):
+                await self._storage.end_task(
+                    task.id,
+                    TaskState.REVOKED,
+                    "its audit record could not be written",
+                    self._clock.now(),
+                    cause="audit failure",
+                )
+            raise
 
     async def _exceptions(self, agent_id: str, now: datetime) -> dict[str, BreakGlass]:
         """The break-glass exceptions of ``agent_id`` active at ``now``, by id."""
@@ -337,6 +397,86 @@ class Broker:
         span = to_epoch(claims.expires_at) - to_epoch(claims.issued_at)
         return IssuedCredential(token, record, max(0, span))
 
+    # --- audit -------------------------------------------------------------------------
+
+    def _task_event(
+        self,
+        task: Task,
+        event: str,
+        detail: str,
+        *,
+        policies: tuple[str, ...] = (),
+    ) -> AuditEvent:
+        return AuditEvent(
+            time=self._clock.now(),
+            event=event,
+            decision=INFO,
+            agent=task.agent_id,
+            owner=task.owner_id,
+            task=task.id,
+            intent=task.purpose,
+            policies=policies,
+            detail=detail,
+            txn=task.id,
+        )
+
+    def _issued_event(
+        self, task: Task, issued: IssuedCredential, policies: tuple[str, ...]
+    ) -> AuditEvent:
+        record = issued.record
+        detail = (
+            f"actions {listing(record.actions)}; expires {record.expires_at.isoformat()}; "
+            f"signed by {record.kid}"
+        )
+        if record.exception_id is not None:
+            detail += f"; relies on break-glass exception {record.exception_id}"
+        return AuditEvent(
+            time=self._clock.now(),
+            event="credential.issued",
+            decision=INFO,
+            agent=record.agent_id,
+            owner=task.owner_id,
+            task=task.id,
+            intent=task.purpose,
+            jti=record.jti,
+            tool=record.tool,
+            tier=record.tier.value,
+            policies=policies,
+            detail=detail,
+            txn=task.id,
+            exception_id=record.exception_id,
+        )
+
+    async def _refused(
+        self,
+        event: str,
+        err: TaskboundError,
+        *,
+        agent: str,
+        detail: str,
+        owner: str | None = None,
+        task: Task | None = None,
+        intent: str | None = None,
+        tool: str | None = None,
+        tier: str | None = None,
+    ) -> None:
+        await self._storage.append_audit(
+            AuditEvent(
+                time=self._clock.now(),
+                event=event,
+                decision="deny",
+                code=err.code,
+                agent=agent,
+                owner=task.owner_id if task is not None else owner,
+                task=task.id if task is not None else None,
+                intent=task.purpose if task is not None else intent,
+                tool=tool,
+                tier=tier,
+                detail=f"{detail}; refused: {err.internal}",
+                txn=task.id if task is not None else None,
+            )
+        )
+
     async def _own_task(self, caller: AgentCaller, task_id: str) -> Task:
         """The task, if this caller is its agent holding its DPoP key; otherwise not found
         (a caller learns nothing about other agents' tasks)."""
@@ -352,8 +492,46 @@ class Broker:
     async def issue_credential(
         self, caller: AgentCaller, task_id: str, tool: str, tier: Tier
     ) -> IssuedCredential:
-        """A fresh credential for a granted (tool, tier) of a live task, same DPoP key."""
-        task = await self._own_task(caller, task_id)
+        """A fresh credential for a granted (tool, tier) of a live task, same DPoP key. Its
+        ``credential.issued`` record is durable before it returns; a refusal is a
+        ``credential.refused`` record (naming the task only when it is the caller's)."""
+        task: Task | None = None
+        try:
+            task = await self._own_task(caller, task_id)
+            issued, decided_by = await self._refresh(task, tool, tier)
+        except TaskboundError as err:
+            if err.status < 500:
+                await self._refused(
+                    "credential.refused",
+                    err,
+                    agent=caller.identity.spiffe_id,
+                    task=task,
+                    tool=clip(tool, 64),
+                    tier=tier.value,
+                    detail=f"refresh for task {clip(task_id, 100)}",
+                )
+            raise
+        try:
+            await self._storage.append_audit(self._issued_event(task, issued, decided_by))
+        except Exception:
+            # Never handed out unrecorded; revoked so that nothing stays live unrecorded.
+            with contextlib.suppress(Exception):
+                await self._storage.revoke_credential(
+                    issued.record.jti,
+                    "its audit record could not be written",
+                    self._clock.now(),
+                    cause="audit failure",
+                )
+            raise
+        log.info(
+            "credential issued",
+            extra={"event": "credential.issued", "task_id": task.id, "jti": issued.record.jti},
+        )
+        return issued
+
+    async def _refresh(
+        self, task: Task, tool: str, tier: Tier
+    ) -> tuple[IssuedCredential, tuple[str, ...]]:
         now = self._clock.now()
         if task.state_at(now) is not TaskState.ACTIVE:
             raise TaskNotActive(f"the task is {task.state_at(now).value}")
@@ -363,19 +541,15 @@ class Broker:
                 f"the task was not granted {tool}:{tier.value}",
                 internal=f"credential refresh for ungranted {tool}:{tier.value}",
             )
-        grant, audience, exceptions = await self._regrant(task, granted, now)
+        grant, audience, exceptions, decided_by = await self._regrant(task, granted, now)
         issued = self._mint(task, grant, now, audience, exceptions)
         if not await self._storage.add_credential(issued.record, now):
             raise TaskNotActive("the task is no longer active")
-        log.info(
-            "credential issued",
-            extra={"event": "credential.issued", "task_id": task.id, "jti": issued.record.jti},
-        )
-        return issued
+        return issued, decided_by
 
     async def _regrant(
         self, task: Task, granted: ScopeGrant, now: datetime
-    ) -> tuple[ScopeGrant, str, dict[str, BreakGlass]]:
+    ) -> tuple[ScopeGrant, str, dict[str, BreakGlass], tuple[str, ...]]:
         """Decide a refresh again on today's registry: the agent, owner, ceiling and the
         tool's tiers as they are now. The result is the task's grant narrowed to what is
         still allowed (actions moved to another tier drop out); it never widens."""
@@ -417,7 +591,7 @@ class Broker:
         (grant,) = decision.granted
         if not set(grant.actions) <= set(granted.actions) or grant.scope != granted.scope:
             raise Forbidden(internal="refresh decision tried to widen the grant")
-        return grant, tool.audience, exceptions
+        return grant, tool.audience, exceptions, tuple(decision.determined_by)
 
     async def task_for_agent(self, caller: AgentCaller, task_id: str) -> Task:
         return await self._own_task(caller, task_id)
@@ -433,7 +607,8 @@ class Broker:
     ) -> tuple[Task, bool]:
         """End a task and revoke everything issued for it. Idempotent: ending an ended
         task changes nothing and says so (``changed`` False). ``cause`` says who ended it
-        ("agent", "admin:<token id>")."""
+        ("agent", "admin:<token id>"). A change is a ``task.ended`` record, durable before
+        this returns (the end itself is committed first, in the store's transaction)."""
         if state is TaskState.ACTIVE:
             raise InvalidRequest("a task cannot be ended into the active state")
         result = await self._storage.end_task(
@@ -444,6 +619,14 @@ class Broker:
         task, changed = result
         if changed:
             self._events.publish(Change.TASK_ENDED, task_id)
+            await self._storage.append_audit(
+                self._task_event(
+                    task,
+                    "task.ended",
+                    f"{task.state.value}: {clip(reason)}; its credentials and every credential "
+                    f"derived from them revoked (by {clip(cause)})",
+                )
+            )
         log.info(
             "task ended",
             extra={
@@ -798,27 +981,75 @@ class Broker:
 
     async def revoke_credential(self, jti: str, reason: str, *, cause: str) -> bool:
         """Revoke one credential and everything derived from it. Idempotent: False when it
-        was unknown, expired or already revoked."""
+        was unknown, expired or already revoked. A revocation is a ``credential.revoked``
+        record, durable before this returns."""
         revoked = await self._storage.revoke_credential(jti, reason, self._clock.now(), cause=cause)
         if revoked:
             self._events.publish(Change.CREDENTIAL_REVOKED, jti)
+            await self._audit_revoked(jti, reason, cause)
         log.info(
             "credential revoked",
             extra={"event": "credential.revoked", "jti": jti, "changed": revoked, "cause": cause},
         )
         return revoked
 
+    async def _audit_revoked(self, jti: str, reason: str, cause: str) -> None:
+        record = await self._storage.get_credential(jti)
+        task = await self._storage.get_task(record.task_id) if record is not None else None
+        await self._storage.append_audit(
+            AuditEvent(
+                time=self._clock.now(),
+                event="credential.revoked",
+                decision=INFO,
+                agent=record.agent_id if record is not None else None,
+                owner=task.owner_id if task is not None else None,
+                task=task.id if task is not None else None,
+                intent=task.purpose if task is not None else None,
+                jti=jti,
+                tool=record.tool if record is not None else None,
+                tier=record.tier.value if record is not None else None,
+                detail=f"{clip(reason)}; every credential derived from it revoked too "
+                f"(by {clip(cause)})",
+                txn=task.id if task is not None else None,
+                exception_id=record.exception_id if record is not None else None,
+            )
+        )
+
     # --- housekeeping ------------------------------------------------------------------
 
     async def sweep(self) -> list[str]:
-        """Expire tasks past their TTL (revoking their credentials) and prune keys past
-        their overlap. Safe to run in every replica at once."""
+        """Expire tasks past their TTL (revoking their credentials; a ``task.ended``
+        record each) and prune keys past their overlap. Safe to run in every replica at
+        once: a task is expired, and recorded, by one of them."""
         expired = await self._storage.expire_tasks(self._clock.now())
         for task_id in expired:
             self._events.publish(Change.TASK_ENDED, task_id)
             log.info("task expired", extra={"event": "task.expired", "task_id": task_id})
+        if expired:
+            await self._audit_expired(expired)
         await self._keys.prune()
         # Entries past their own expiry protect nothing (the leeway keeps them a little
         # longer than any verifier accepts the credentials they name).
         await self._storage.prune_revocations(self._clock.now() - self._leeway)
         return expired
+
+    async def _audit_expired(self, task_ids: list[str]) -> None:
+        events = []
+        for task_id in task_ids:
+            task = await self._storage.get_task(task_id)
+            if task is not None:
+                detail = (
+                    f"expired: its time ran out at {task.expires_at.isoformat()}; its "
+                    "credentials and every credential derived from them revoked (by expiry)"
+                )
+                events.append(self._task_event(task, "task.ended", detail))
+        try:
+            await self._storage.append_audits(events)
+        except Exception:
+            # The expiry is committed and the next sweep will not see these tasks again:
+            # name them in the log, where an operator can still find them.
+            log.exception(
+                "the audit records of expired tasks could not be written",
+                extra={"event": "task.expired_unrecorded", "task_ids": task_ids},
+            )
+            raise

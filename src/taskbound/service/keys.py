@@ -3,6 +3,9 @@
 The private halves are encrypted with the key-encryption key (KEK) and the key id as
 associated data, so a ciphertext moved to another row does not decrypt. The KEK never
 reaches the database.
+
+A rotation and a withdrawal are audit records (``admin.key.rotated``,
+``admin.key.withdrawn``) naming their cause, durable before the method returns.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from taskbound.core.clock import Clock
 from taskbound.core.keys import (
@@ -25,9 +28,17 @@ from taskbound.core.keys import (
 from taskbound.core.model import KeyPurpose, KeyState, Revocation, RevocationKind, SigningKey
 from taskbound.core.secretbox import SecretBox
 from taskbound.errors import KeyUnavailable, NotFound
-from taskbound.storage.base import KeyStore
+from taskbound.service.audit_records import clip, record_change
+from taskbound.storage.base import AuditStore, KeyStore
+
+#: How long a retired audit key stays published: checkpoints outlive credentials.
+AUDIT_KEY_KEPT = timedelta(days=100 * 365)
 
 log = logging.getLogger("taskbound.keys")
+
+
+class KeyAuditStore(KeyStore, AuditStore, Protocol):
+    """Where the keys are kept, and the audit log their changes are recorded in."""
 
 
 def _aad(kid: str) -> bytes:
@@ -50,7 +61,7 @@ class KeyManager:
 
     def __init__(
         self,
-        store: KeyStore,
+        store: KeyAuditStore,
         box: SecretBox,
         clock: Clock,
         *,
@@ -148,15 +159,30 @@ class KeyManager:
         """The public JWKS (RFC 7517): the active key and still-valid retiring ones."""
         return {"keys": list(self._get(purpose).public)} if purpose in self._keys else {"keys": []}
 
-    async def rotate(self, purpose: KeyPurpose = KeyPurpose.CREDENTIALS) -> SigningKey:
+    async def rotate(
+        self, purpose: KeyPurpose = KeyPurpose.CREDENTIALS, *, cause: str = "system"
+    ) -> SigningKey:
         """Make a new active key; the old one stays published for ``overlap`` so that
         credentials it signed keep verifying until they expire."""
         now = self._clock.now()
         alg = "ES256" if purpose is KeyPurpose.DEV_IDENTITY else self._algorithm
         new = self._seal(generate_key(alg), purpose, now)
-        await self._store.rotate_key(new, retire_after=now + self._overlap)
+        retire_after = now + self._overlap
+        if purpose is KeyPurpose.AUDIT:
+            # Checkpoints are verified for as long as the audit trail is kept: a retired
+            # audit key stays published (only a withdrawal takes one away).
+            retire_after = now + AUDIT_KEY_KEPT
+        await self._store.rotate_key(new, retire_after=retire_after)
         await self.reload()
         log.info("signing key rotated", extra={"purpose": purpose.value, "kid": new.kid})
+        await record_change(
+            self._store,
+            self._clock,
+            "admin.key.rotated",
+            f"{purpose.value} key rotated: {new.kid} ({new.alg}) signs from now on; the "
+            f"previous one stays published until {retire_after.isoformat()}",
+            cause=cause,
+        )
         return new
 
     async def withdraw(self, kid: str, *, cause: str, reason: str) -> int:
@@ -188,6 +214,13 @@ class KeyManager:
                 "cause": cause,
             },
         )
+        detail = (
+            f"{key.purpose.value} key {kid} withdrawn: {clip(reason)}; {revoked} credential(s) "
+            "it signed revoked, with every credential derived from them"
+        )
+        if replacement is not None:
+            detail += f"; replaced by {replacement.kid}"
+        await record_change(self._store, self._clock, "admin.key.withdrawn", detail, cause=cause)
         return revoked
 
     def on_revocations(self, entries: list[Revocation]) -> None:

@@ -5,6 +5,11 @@ registry before they are used. A reload — asked by the CLI, the admin API, or 
 file change — swaps in the new set only when all of it compiles; otherwise the last good
 set stays in force and the reload says why. A change of the registry's tools (which changes
 the schema) recompiles the same sources the same way.
+
+Every reload is an audit record: ``policy.reloaded`` with the new version, or
+``policy.reload_refused`` (decision ``error``) with the problems. A new set is swapped in
+only once its record is durable: when the record cannot be written the reload fails, the
+last good set stays in force, and a file watcher tries again.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from taskbound.core.policy import (
     compile_policies,
 )
 from taskbound.errors import TaskboundError
+from taskbound.service.audit_records import listing, record_change
 from taskbound.storage.base import Storage
 
 log = logging.getLogger("taskbound.policy")
@@ -142,6 +148,8 @@ class PolicyEngine:
         self._sources: list[PolicySource] = []
         self._dir_seen = ""
         self._last_problems: tuple[str, ...] = ()
+        # The registry state whose recompile was last refused (recorded once, not per sweep).
+        self._refused_tools = ""
         self._lock = asyncio.Lock()
         self._cache = _EntityCache()
 
@@ -179,8 +187,6 @@ class PolicyEngine:
                 state = await self._compile(sources, await self._storage.list_tools())
             except PolicyInvalid as exc:
                 problems = tuple(str(p) for p in exc.problems) or (exc.detail,)
-                self._last_problems = problems
-                self._dir_seen = fingerprint
                 log.error(
                     "policy reload refused; the last good set stays in force",
                     extra={
@@ -190,13 +196,17 @@ class PolicyEngine:
                         "version": self._state.compiled.version if self._state else None,
                     },
                 )
+                await self._record_refused(problems, exc.code, cause)
+                self._last_problems = problems
+                self._dir_seen = fingerprint
                 version = self._state.compiled.version if self._state else ""
                 return ReloadResult(False, version, False, problems)
             old = self._state.compiled.version if self._state else None
+            changed = old != state.compiled.version
+            await self._record_loaded(state, old, len(sources), cause)
             self._state, self._sources, self._dir_seen = state, sources, fingerprint
             self._last_problems = ()
             self._cache = _EntityCache()
-            changed = old != state.compiled.version
             log.info(
                 "policies loaded",
                 extra={
@@ -210,26 +220,64 @@ class PolicyEngine:
             return ReloadResult(True, state.compiled.version, changed)
 
     async def refresh_registry(self) -> None:
-        """Recompile when the registry's tools changed (the schema follows them)."""
+        """Recompile when the registry's tools changed (the schema follows them). A new
+        version is a ``policy.reloaded`` record (cause ``registry change``), swapped in
+        once the record is durable; a set that no longer compiles is one
+        ``policy.reload_refused`` record per state of the registry (this runs every sweep)."""
         tools = await self._storage.list_tools()
-        if self._state is not None and _tools_fingerprint(tools) == self._state.tools_fingerprint:
+        fingerprint = _tools_fingerprint(tools)
+        if self._state is not None and fingerprint == self._state.tools_fingerprint:
             return
         async with self._lock:
             try:
                 state = await self._compile(self._sources, tools)
             except PolicyInvalid as exc:
                 problems = tuple(str(p) for p in exc.problems) or (exc.detail,)
-                self._last_problems = problems
                 log.error(
                     "the policies do not compile against the changed registry; the last good "
                     "set stays in force (new tools are denied until this is fixed)",
                     extra={"event": "policy.registry_refresh_failed", "problems": list(problems)},
                 )
+                if fingerprint != self._refused_tools:
+                    await self._record_refused(problems, exc.code, "registry change")
+                    self._refused_tools = fingerprint
+                self._last_problems = problems
                 return
+            old = self._state.compiled.version if self._state else None
+            if old != state.compiled.version:
+                await self._record_loaded(state, old, len(self._sources), "registry change")
             self._state, self._cache = state, _EntityCache()
             log.info(
                 "policies recompiled for the registry", extra={"version": state.compiled.version}
             )
+
+    async def _record_loaded(
+        self, state: PolicyState, old: str | None, files: int, cause: str
+    ) -> None:
+        new = state.compiled.version
+        await record_change(
+            self._storage,
+            self._clock,
+            "policy.reloaded",
+            f"policy set {new} in force: {len(state.compiled.policies)} policies from "
+            f"{files} file(s); "
+            + ("first load" if old is None else f"replaces {old}" if old != new else "unchanged"),
+            cause=cause,
+            policy_version=new,
+        )
+
+    async def _record_refused(self, problems: tuple[str, ...], code: str, cause: str) -> None:
+        await record_change(
+            self._storage,
+            self._clock,
+            "policy.reload_refused",
+            f"policy reload refused, the last good set stays in force: {len(problems)} "
+            f"problem(s): {listing(problems, 10, each=300)}",
+            cause=cause,
+            decision="error",
+            code=code,
+            policy_version=self._state.compiled.version if self._state else None,
+        )
 
     async def watch(self, interval: float) -> None:
         """Reload whenever the policy files change (polling: portable, and cheap)."""

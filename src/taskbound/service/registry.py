@@ -3,6 +3,11 @@
 Specs are validated pydantic models shared by the admin API, the CLI and declarative
 ``taskbound apply``. Upstream secrets are encrypted before they reach storage and are never
 returned by any read.
+
+Every change is an audit record (``admin.owner.created|updated``,
+``admin.tool.created|updated``, ``admin.agent.created|updated|state_changed``,
+``admin.registry.applied``) naming its cause, durable before the method returns. A record
+says whether a tool's secret was set, never the secret.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from taskbound.core.model import (
 )
 from taskbound.core.secretbox import SecretBox
 from taskbound.errors import ConfigError, Conflict, InvalidRequest, NotFound, ReferenceError_
+from taskbound.service.audit_records import clip, listing, record_change
 from taskbound.service.events import Change, Events
 from taskbound.storage.base import Storage
 
@@ -354,6 +360,27 @@ class Registry:
         self._on_tools_changed = on_tools_changed
         self._events = events or Events()
 
+    async def _record(
+        self,
+        event: str,
+        detail: str,
+        *,
+        cause: str,
+        agent: str | None = None,
+        owner: str | None = None,
+        tool: str | None = None,
+    ) -> None:
+        await record_change(
+            self._storage,
+            self._clock,
+            event,
+            detail,
+            cause=cause,
+            agent=agent,
+            owner=owner,
+            tool=tool,
+        )
+
     async def _tools_changed(self, tool_id: str) -> None:
         self._events.publish(Change.TOOL_CHANGED, tool_id)
         if self._on_tools_changed is not None:
@@ -361,11 +388,17 @@ class Registry:
 
     # --- owners ------------------------------------------------------------------------
 
-    async def create_owner(self, spec: OwnerSpec) -> Owner:
+    async def create_owner(self, spec: OwnerSpec, *, cause: str = "system") -> Owner:
         now = self._clock.now()
         owner = Owner(spec.id, spec.contact, frozenset(spec.roles), now, now, bool(spec.disabled))
         await self._storage.create_owner(owner)
         log.info("owner created", extra={"event": "owner.created", "owner": owner.id})
+        await self._record(
+            "admin.owner.created",
+            f"owner {owner.id} created: {_owner_facts(owner)}",
+            cause=cause,
+            owner=owner.id,
+        )
         return owner
 
     async def update_owner(self, spec: OwnerSpec, *, cause: str = "system") -> Owner:
@@ -383,6 +416,12 @@ class Registry:
         await self._storage.update_owner(owner, cause=cause)
         self._events.publish(Change.OWNER_CHANGED, owner.id)
         log.info("owner updated", extra={"event": "owner.updated", "owner": owner.id})
+        detail = f"owner {owner.id} updated: {_owner_facts(owner)}"
+        if owner.disabled and not old.disabled:
+            detail += "; disabled: every live task on its behalf revoked"
+        elif old.disabled and not owner.disabled:
+            detail += "; enabled again (no revoked task comes back)"
+        await self._record("admin.owner.updated", detail, cause=cause, owner=owner.id)
         return owner
 
     # --- tools -------------------------------------------------------------------------
@@ -415,16 +454,22 @@ class Registry:
                     f"audience {spec.audience!r} is already the audience of tool {other.id!r}"
                 )
 
-    async def create_tool(self, spec: ToolSpec) -> Tool:
+    async def create_tool(self, spec: ToolSpec, *, cause: str = "system") -> Tool:
         check_secret_change(spec, None)
         await self._check_audience_unique(spec)
         tool = self._tool(spec)
         await self._storage.create_tool(tool, self._seal_secret(spec))
         log.info("tool created", extra={"event": "tool.created", "tool": tool.id})
+        await self._record(
+            "admin.tool.created",
+            f"tool {tool.id} created: {_tool_facts(tool, spec, created=True)}",
+            cause=cause,
+            tool=tool.id,
+        )
         await self._tools_changed(tool.id)
         return tool
 
-    async def update_tool(self, spec: ToolSpec) -> Tool:
+    async def update_tool(self, spec: ToolSpec, *, cause: str = "system") -> Tool:
         old = await self._storage.get_tool(spec.id)
         if old is None:
             raise NotFound(f"no tool {spec.id!r}")
@@ -440,6 +485,12 @@ class Registry:
         tool = self._tool(spec, old.created_at)
         await self._storage.update_tool(tool, self._seal_secret(spec))
         log.info("tool updated", extra={"event": "tool.updated", "tool": tool.id})
+        await self._record(
+            "admin.tool.updated",
+            f"tool {tool.id} updated: {_tool_facts(tool, spec, created=False)}",
+            cause=cause,
+            tool=tool.id,
+        )
         await self._tools_changed(tool.id)
         return tool
 
@@ -490,10 +541,17 @@ class Registry:
             description=spec.description,
         )
 
-    async def create_agent(self, spec: AgentSpec) -> Agent:
+    async def create_agent(self, spec: AgentSpec, *, cause: str = "system") -> Agent:
         agent = await self._agent(spec)
         await self._storage.create_agent(agent)
         log.info("agent created", extra={"event": "agent.created", "agent": agent.spiffe_id})
+        await self._record(
+            "admin.agent.created",
+            f"agent created: {_agent_facts(agent)}",
+            cause=cause,
+            agent=agent.spiffe_id,
+            owner=agent.owner_id,
+        )
         return agent
 
     async def update_agent(self, spec: AgentSpec, *, cause: str = "system") -> Agent:
@@ -504,6 +562,14 @@ class Registry:
         await self._storage.update_agent(agent, cause=cause)
         self._events.publish(Change.AGENT_CHANGED, agent.spiffe_id)
         log.info("agent updated", extra={"event": "agent.updated", "agent": agent.spiffe_id})
+        detail = f"agent updated: {_agent_facts(agent)}"
+        if old.owner_id != agent.owner_id:
+            detail += f"; owner was {old.owner_id}"
+        if old.state is not agent.state:
+            detail += f"; state was {old.state.value}{_revoked_by_state(old.state, agent.state)}"
+        await self._record(
+            "admin.agent.updated", detail, cause=cause, agent=agent.spiffe_id, owner=agent.owner_id
+        )
         return agent
 
     async def set_agent_state(
@@ -511,7 +577,8 @@ class Registry:
     ) -> tuple[Agent, bool]:
         """Suspend, quarantine, resume or retire an agent. Leaving ACTIVE revokes all its
         live tasks at once; a suspended or quarantined agent cannot start tasks; RETIRED
-        is final. Idempotent: ``changed`` is False when the agent already was in ``state``."""
+        is final. Idempotent: ``changed`` is False when the agent already was in ``state``
+        (and nothing is recorded)."""
         old = await self._storage.get_agent(spiffe_id)
         if old is None:
             raise NotFound("no such agent")
@@ -527,6 +594,16 @@ class Registry:
         if not changed:
             return agent, False
         self._events.publish(Change.AGENT_CHANGED, spiffe_id)
+        detail = f"{old.state.value} -> {agent.state.value}"
+        if reason:
+            detail += f": {clip(reason)}"
+        await self._record(
+            "admin.agent.state_changed",
+            detail + _revoked_by_state(old.state, agent.state),
+            cause=cause,
+            agent=spiffe_id,
+            owner=agent.owner_id,
+        )
         log.warning(
             "agent state changed",
             extra={
@@ -542,11 +619,15 @@ class Registry:
 
     # --- declarative apply ---------------------------------------------------------------
 
-    async def apply(self, doc: RegistryDocument, *, dry_run: bool = False) -> ApplyResult:
+    async def apply(
+        self, doc: RegistryDocument, *, dry_run: bool = False, cause: str = "system"
+    ) -> ApplyResult:
         """Create or update everything the document declares, owners then tools then
         agents. The whole document is validated (including references between its own
         entries) before anything is written; re-applying converges, so an interrupted
-        apply is repaired by running it again."""
+        apply is repaired by running it again. Each creation and update is recorded as
+        such, and an apply that changed anything by an ``admin.registry.applied`` record."""
+        via = "registry apply" if cause == "system" else f"{cause} (registry apply)"
         _check_unique(doc)
         owners = {o.id for o in doc.owners} | {o.id for o in await self._storage.list_owners()}
         tools = {t.id: t for t in doc.tools}
@@ -604,8 +685,8 @@ class Registry:
                 o.id,
                 old_o is not None,
                 same,
-                lambda o=o: self.create_owner(o),
-                lambda o=o: self.update_owner(o, cause="registry apply"),
+                lambda o=o: self.create_owner(o, cause=via),
+                lambda o=o: self.update_owner(o, cause=via),
             )
         for t in doc.tools:
             old_t = await self._storage.get_tool(t.id)
@@ -620,8 +701,8 @@ class Registry:
                 t.id,
                 old_t is not None,
                 same,
-                lambda t=t: self.create_tool(t),
-                lambda t=t: self.update_tool(t),
+                lambda t=t: self.create_tool(t, cause=via),
+                lambda t=t: self.update_tool(t, cause=via),
             )
         for a in doc.agents:
             old_a = await self._storage.get_agent(a.spiffe_id)
@@ -641,8 +722,15 @@ class Registry:
                 a.spiffe_id,
                 old_a is not None,
                 same,
-                lambda a=a: self.create_agent(a),
-                lambda a=a: self.update_agent(a, cause="registry apply"),
+                lambda a=a: self.create_agent(a, cause=via),
+                lambda a=a: self.update_agent(a, cause=via),
+            )
+        if not dry_run and (created or updated):
+            await self._record(
+                "admin.registry.applied",
+                f"registry document applied: created {listing(created)}; updated "
+                f"{listing(updated)}; {len(unchanged)} unchanged",
+                cause=cause,
             )
         return ApplyResult(tuple(created), tuple(updated), tuple(unchanged))
 
@@ -678,6 +766,51 @@ def agent_from_spec(spec: AgentSpec, when: datetime) -> Agent:
         updated_at=when,
         description=spec.description,
     )
+
+
+def _owner_facts(owner: Owner) -> str:
+    roles = listing(sorted(r.value for r in owner.roles))
+    return f"roles {roles}; {'disabled' if owner.disabled else 'enabled'}"
+
+
+def _agent_facts(agent: Agent) -> str:
+    ceiling = listing(f"{s.tool}:{s.tier.value}" for s in sorted(agent.ceiling))
+    return f"owner {agent.owner_id}; state {agent.state.value}; ceiling {ceiling}"
+
+
+def _revoked_by_state(old: AgentState, new: AgentState) -> str:
+    if old is AgentState.ACTIVE and new is not AgentState.ACTIVE:
+        return "; every live task of the agent revoked"
+    return ""
+
+
+def _tool_facts(tool: Tool, spec: ToolSpec, *, created: bool) -> str:
+    """What a record says about a tool: never its secret, nor anything of its upstream URL
+    but where it points (a query string may carry a key)."""
+    actions = listing(f"{a.name}:{a.tier.value}" for a in tool.actions)
+    facts = (
+        f"{tool.kind.value}; audience {clip(tool.audience)}; upstream "
+        f"{_origin(tool.upstream_url)}; actions {actions}"
+    )
+    exchange = spec.upstream_exchange
+    if exchange is not None:
+        secret = "set" if exchange.client_secret is not None else "unchanged"
+        facts += (
+            f"; upstream exchange at {_origin(exchange.token_endpoint)} as client "
+            f"{clip(exchange.client_id, 100)} (client secret {secret})"
+        )
+    elif spec.upstream_secret is not None:
+        facts += "; upstream secret set"
+    else:
+        facts += "; no upstream secret" if created else "; upstream secret unchanged"
+    return facts
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``: never its user information, path or query."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port is not None else ""
+    return clip(f"{parts.scheme}://{parts.hostname or ''}{port}")
 
 
 def _check_unique(doc: RegistryDocument) -> None:
