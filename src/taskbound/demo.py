@@ -378,6 +378,26 @@ async def _scenario(base: str, services: Services, con: Console) -> bool:
         r = await http.post(f"{agent_path}/resume", headers=admin)
         ok(f"agent resumed ({r.json()['state']}); the revoked task stays revoked")
 
+        say("The audit trail: one hash chain, checkpointed and verified")
+        r = await http.post("/v1/admin/audit/checkpoints", headers=admin)
+        if r.status_code != 201:
+            bad(f"checkpoint failed: {r.text}")
+            return False
+        ok(f"checkpoint signed over record #{r.json()['seq']}")
+        r = await http.get("/v1/admin/audit/verify", headers=admin)
+        report = r.json()
+        if r.status_code != 200 or not report["ok"]:
+            bad(f"the audit chain does not verify: {r.text}")
+            return False
+        ok(
+            f"{report['records']} audit records verify, head {report['head'][:16]}…, "
+            f"{report['checkpoints']} checkpoint(s)"
+        )
+        con.print(
+            f"  people decide approvals and break-glass at {base}/ui/ "
+            "(give someone a password: [bold]taskbound ui set-password alice[/])"
+        )
+
     con.print(
         Panel.fit(
             "[bold green]demo complete[/]: granted, used, ended, revoked", border_style="green"

@@ -866,9 +866,10 @@ def create_app(
 
     @route("/v1/admin/owners", methods=["GET", "POST"])
     async def owners(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         if request.method == "POST":
-            owner = await svc().registry.create_owner(await read_json(request, OwnerSpec))
+            spec = await read_json(request, OwnerSpec)
+            owner = await svc().registry.create_owner(spec, cause=cause)
             return json_response(owner_view(owner), 201)
         return json_response({"owners": [owner_view(o) for o in await svc().storage.list_owners()]})
 
@@ -888,10 +889,10 @@ def create_app(
 
     @route("/v1/admin/tools", methods=["GET", "POST"])
     async def tools(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         reg = svc().registry
         if request.method == "POST":
-            tool = await reg.create_tool(await read_json(request, ToolSpec))
+            tool = await reg.create_tool(await read_json(request, ToolSpec), cause=cause)
             return json_response(tool_view(tool, has_secret=await reg.has_secret(tool.id)), 201)
         listed = [
             tool_view(t, has_secret=await reg.has_secret(t.id))
@@ -901,14 +902,14 @@ def create_app(
 
     @route("/v1/admin/tools/{tool_id}", methods=["GET", "PUT"])
     async def tool(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         reg = svc().registry
         tool_id = request.path_params["tool_id"]
         if request.method == "PUT":
             spec = await read_json(request, ToolSpec)
             if spec.id != tool_id:
                 raise InvalidRequest("the body's id does not match the path")
-            updated = await reg.update_tool(spec)
+            updated = await reg.update_tool(spec, cause=cause)
             return json_response(tool_view(updated, has_secret=await reg.has_secret(tool_id)))
         found = await svc().storage.get_tool(tool_id)
         if found is None:
@@ -917,9 +918,10 @@ def create_app(
 
     @route("/v1/admin/agents", methods=["GET", "POST"])
     async def agents(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         if request.method == "POST":
-            agent = await svc().registry.create_agent(await read_json(request, AgentSpec))
+            spec = await read_json(request, AgentSpec)
+            agent = await svc().registry.create_agent(spec, cause=cause)
             return json_response(agent_view(agent), 201)
         owner_id = request.query_params.get("owner")
         return json_response(
@@ -942,10 +944,10 @@ def create_app(
 
     @route("/v1/admin/apply", methods=["POST"])
     async def apply(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         doc = await read_json(request, RegistryDocument)
         dry_run = flag(request.query_params.get("dry_run"), "dry_run")
-        result = await svc().registry.apply(doc, dry_run=dry_run)
+        result = await svc().registry.apply(doc, dry_run=dry_run, cause=cause)
         return json_response(
             {
                 "dry_run": dry_run,
@@ -1050,12 +1052,14 @@ def create_app(
 
     @route("/v1/admin/keys/rotate", methods=["POST"])
     async def rotate(request: Request) -> Response:
-        await admin(request)
+        cause = await admin(request)
         try:
             purpose = KeyPurpose(request.query_params.get("purpose", "credentials"))
         except ValueError:
-            raise InvalidRequest("purpose must be credentials or dev_identity") from None
-        new = await svc().keys.rotate(purpose)
+            raise InvalidRequest(
+                "purpose must be one of " + ", ".join(k.value for k in KeyPurpose)
+            ) from None
+        new = await svc().keys.rotate(purpose, cause=cause)
         return json_response({"kid": new.kid, "alg": new.alg, "purpose": new.purpose.value}, 201)
 
     @route("/v1/admin/keys/{kid}/withdraw", methods=["POST"])
@@ -1190,15 +1194,22 @@ def create_app(
             after = int(q.get("after", "0"))
         except ValueError:
             raise InvalidRequest("after must be a number") from None
+        if after < 0:
+            raise InvalidRequest("after must be >= 0")
         chain = svc().audit
 
         async def lines() -> AsyncIterator[bytes]:
+            last = after
             async for record in chain.records(after):
+                last = record.seq
                 line = record.line() if fmt == "jsonl" else ocsf(record)
                 yield (json.dumps(line, separators=(",", ":")) + "\n").encode()
             if fmt == "jsonl":
+                # Only checkpoints of records in this export: one signed after the last page
+                # was read would name a record the file lacks.
                 for point in await svc().storage.list_checkpoints(limit=1_000_000):
-                    yield (json.dumps(point.line(), separators=(",", ":")) + "\n").encode()
+                    if point.seq <= last:
+                        yield (json.dumps(point.line(), separators=(",", ":")) + "\n").encode()
 
         return StreamingResponse(
             lines(),
@@ -1306,8 +1317,8 @@ def create_app(
     @route("/v1/admin/policy/reload", methods=["POST"])
     async def policy_reload(request: Request) -> Response:
         """Reload the policy files; the last good set stays in force when they fail."""
-        await admin(request)
-        result = await svc().policy.reload("admin API")
+        cause = await admin(request)
+        result = await svc().policy.reload(f"admin API ({cause})")
         body = {
             "ok": result.ok,
             "version": result.version,

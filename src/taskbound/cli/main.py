@@ -10,6 +10,7 @@ import typer
 
 from taskbound import __version__
 from taskbound.cli.approvals import approvals_app
+from taskbound.cli.audit import audit_app
 from taskbound.cli.breakglass import breakglass_app
 from taskbound.cli.common import console, fail, handled, print_json
 from taskbound.cli.operate import (
@@ -51,6 +52,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(token_app, name="token")
 app.add_typer(approvals_app, name="approvals")
 app.add_typer(breakglass_app, name="breakglass")
+app.add_typer(audit_app, name="audit")
 app.command("apply")(apply)
 
 

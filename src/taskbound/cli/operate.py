@@ -149,7 +149,9 @@ def keys_list(url: str = UrlOption, token: str = TokenOption, as_json: bool = Js
 
 @keys_app.command("rotate")
 def keys_rotate(
-    purpose: str = typer.Option("credentials", help="credentials or dev_identity."),
+    purpose: str = typer.Option(
+        "credentials", help="credentials, dev_identity, signals, transaction or audit."
+    ),
     url: str = UrlOption,
     token: str = TokenOption,
     as_json: bool = JsonOption,

@@ -26,7 +26,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -290,14 +290,22 @@ def verify(
     ``start_prev`` is the hash the first record must link to (:data:`GENESIS` for a whole
     chain; an archive's last hash for the live store after it). Checkpoints need ``keys``;
     a checkpoint beyond the last record means the chain was cut (``truncated``).
+
+    A problem's ``seq`` is the record where the walk stopped: the edited, inserted or
+    out-of-place record, the one after a gap, the first record past the end for
+    ``truncated``, the checkpoint's for ``checkpoint_mismatch``; ``None`` for a checkpoint
+    whose signature fails and for a record without a usable seq. Never raises for what
+    an edited export may hold (``malformed``).
     """
     algs = tuple(algorithms)
     count, first, last_seq, prev = 0, None, None, start_prev
     seen: dict[int, str] = {}
-    for record in records:
-        if not isinstance(record.body, Mapping) or set(record.body) != set(FIELDS):
-            return _fail(count, first, last_seq, prev, "malformed", record.seq, "not a record")
-        recomputed = record_hash(record.seq, record.prev, record.body)
+    remaining = iter(records)
+    for record in remaining:
+        recomputed, wrong = _recompute(record)
+        if recomputed is None:
+            seq = record.seq if _is_seq(record.seq) else None
+            return _fail(count, first, last_seq, prev, "malformed", seq, wrong)
         if last_seq is not None and record.seq <= last_seq:
             return _fail(
                 count,
@@ -319,13 +327,7 @@ def verify(
                 f"record {record.seq}'s content does not match its hash",
             )
         if record.prev != prev:
-            gap = last_seq is not None and record.seq > last_seq + 1
-            kind = "missing" if gap else "inserted"
-            what = (
-                f"records {last_seq + 1}..{record.seq - 1} are missing"
-                if gap and last_seq is not None
-                else f"record {record.seq} does not link to its predecessor"
-            )
+            kind, what = _broken_link(record, last_seq, start_prev, remaining)
             return _fail(count, first, last_seq, prev, kind, record.seq, what)
         count += 1
         first = record.seq if first is None else first
@@ -367,6 +369,45 @@ def verify(
                 signed,
             )
     return Report(count, signed, first, last_seq, prev)
+
+
+def _is_seq(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _recompute(record: ChainRecord) -> tuple[str, str] | tuple[None, str]:
+    """``(hash, "")`` for a well-formed record, ``(None, why)`` for one that is not a
+    record of this format (whatever an export was edited into, never an exception)."""
+    if not _is_seq(record.seq):
+        return None, "seq is not a non-negative integer"
+    if not isinstance(record.prev, str) or not isinstance(record.hash, str):
+        return None, f"record {record.seq}: prev and hash must be strings"
+    body = record.body
+    if not isinstance(body, Mapping) or set(body) != set(FIELDS):
+        return None, f"record {record.seq} is not a record of format {FORMAT_VERSION}"
+    try:
+        event_of(body)
+        return record_hash(record.seq, record.prev, body), ""
+    except (ValueError, TypeError) as exc:
+        # rfc8785 refuses what JSON cannot carry exactly (NaN, huge integers...).
+        return None, f"record {record.seq}: {exc}"
+
+
+def _broken_link(
+    record: ChainRecord, last_seq: int | None, start_prev: str, rest: Iterator[ChainRecord]
+) -> tuple[str, str]:
+    """Why ``record`` does not link to what came before: records between are further on
+    (``reordered``), or absent (``missing``), or it is not the successor it claims to be
+    (``inserted``). Reads the rest of the records only on this failure path."""
+    # The start of a whole chain stands for record 0.
+    before = last_seq if last_seq is not None else (0 if start_prev == GENESIS else None)
+    floor = -1 if before is None else before
+    later = [r.seq for r in rest if _is_seq(r.seq) and floor < r.seq < record.seq]
+    if later:
+        return "reordered", f"record {record.seq} comes before record {min(later)}"
+    if before is not None and record.seq > before + 1:
+        return "missing", f"records {before + 1}..{record.seq - 1} are missing"
+    return "inserted", f"record {record.seq} does not link to its predecessor"
 
 
 def _fail(

@@ -186,6 +186,13 @@ class CallRecord:
         )
 
 
+def _printable(text: str, limit: int = 200) -> str:
+    """Agent-supplied text for an audit field: control characters (NUL included) escaped,
+    at most ``limit`` characters."""
+    out = text if text.isprintable() else repr(text)[1:-1]
+    return out[:limit]
+
+
 def _with_chain(detail: str | None, claims: CredentialClaims | None) -> str | None:
     """A delegated call's audit detail names the chain: task agent, then each delegate."""
     if claims is None or not claims.actors:
@@ -751,7 +758,9 @@ class Gateway:
         if message.method == "tools/call":
             name = message.tool_name or ""
             action = mcp_tool_action(tool, name)
-            record.action = action.name if action else name
+            # An unknown name is the agent's text: recorded printable and bounded, so that
+            # the refusal itself can always be audited.
+            record.action = action.name if action else _printable(name)
             record.digest = argument_digest(dict(message.arguments))
             if action is None:
                 raise Refusal(
@@ -776,7 +785,7 @@ class Gateway:
                 record, tool, action, message.arguments, name, shape
             )
             return
-        record.action = f"mcp:{message.method}"
+        record.action = f"mcp:{_printable(message.method)}"
         if message.method == "tools/list":
             return
         if any(

@@ -23,7 +23,7 @@ from typing import Any, Final
 import httpx
 
 from taskbound.config import Settings
-from taskbound.core import audit
+from taskbound.core import audit, jws
 from taskbound.core.audit import ChainRecord, Checkpoint, Report
 from taskbound.core.clock import Clock
 from taskbound.core.keys import KeyRing
@@ -171,30 +171,38 @@ class AuditChain:
         records = [r async for r in self.records()]
         start = audit.GENESIS
         if records and records[0].seq > 1:
-            pinned = [c for c in checkpoints if c.seq == records[0].seq - 1]
-            if not pinned:
-                return audit.Report(
-                    0,
-                    0,
-                    None,
-                    None,
-                    start,
-                    audit.Problem(
-                        "missing",
-                        1,
-                        f"the chain starts at {records[0].seq} and no checkpoint pins "
-                        f"record {records[0].seq - 1}",
-                    ),
-                )
-            start = pinned[0].hash
+            # What the signature vouches for, never the row's own columns: a row copied
+            # from another checkpoint must not pin a cut the store's owner made. Without a
+            # pin, the chain is checked from its start (a chain migrated with numbers
+            # skipped may start past 1; records cut from the front are reported missing).
+            pin = self._signed_head(checkpoints, records[0].seq - 1)
+            if pin is not None:
+                start = pin
         return audit.verify(
             records,
             [c.jws for c in checkpoints],
             keys=self.keyring(),
             algorithms=(self._settings.keys.algorithm,),
             start_prev=start,
-            issuer=self.issuer,
+            # The key is what vouches for a checkpoint; the issuer (the public URL) may
+            # have changed since it was signed (a new port, a new host name).
+            issuer=None,
         )
+
+    def _signed_head(self, checkpoints: list[Checkpoint], seq: int) -> str | None:
+        """The hash a validly signed checkpoint states for record ``seq``, if any."""
+        for kept in checkpoints:
+            if kept.seq != seq:
+                continue
+            try:
+                point = audit.verify_checkpoint(
+                    kept.jws, keys=self.keyring(), algorithms=(self._settings.keys.algorithm,)
+                )
+            except jws.Rejected:
+                continue
+            if point.seq == seq:
+                return point.hash
+        return None
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -256,6 +264,14 @@ def ocsf(record: ChainRecord) -> dict[str, Any]:
             "chain": {"seq": record.seq, "prev": record.prev, "hash": record.hash},
         },
     }
+    if not api:
+        # Authorize Session has no API object: the tool and action stay with the rest.
+        event["unmapped"] |= {
+            "tool": body["tool"],
+            "action": body["action"],
+            "latency_ms": body["latency_ms"],
+            "upstream_status": body["upstream_status"],
+        }
     if api:
         event["api"] = {
             "operation": body["action"],
