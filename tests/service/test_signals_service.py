@@ -321,6 +321,11 @@ async def test_a_failing_receiver_is_retried_in_order_until_it_accepts(
         second = await end_task(live)
         sender.start()
         await eventually(lambda: sender.delivered == 2, "delivered after the retries")
+        # The cursor is written just after the delivery is counted: let it land first.
+        for _ in range(200):
+            if await live.services.storage.get_signal_cursor("rec") == await last_seq(live):
+                break
+            await asyncio.sleep(0.01)
         await sender.aclose()
         events = [await verified(live, t) for t in recorder.tokens]
         sessions = [session_of(e) for e in events]
