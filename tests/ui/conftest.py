@@ -36,20 +36,14 @@ async def add_people(server: Live, people: dict[str, list[str]] = PEOPLE) -> Non
         if r.status_code == 404:
             r = await server.http.post("/v1/admin/owners", json=body, headers=server.admin)
         assert r.status_code in (200, 201), r.text
-        await server.services.storage.set_owner_password(
-            owner_id, _hashed(server), server.clock.now()
-        )
+        await server.services.storage.set_owner_password(owner_id, _hash_once(), server.clock.now())
 
 
 @functools.cache
 def _hash_once() -> str:
-    return Authenticator(load_settings(environ={})).hash_password(PASSWORD)
-
-
-def _hashed(server: Live) -> str:
     """PASSWORD's Argon2id hash, made once per test process (hashing is slow on purpose;
     every sign-in still verifies it for real)."""
-    return _hash_once()
+    return Authenticator(load_settings(environ={})).hash_password(PASSWORD)
 
 
 _HIDDEN = re.compile(r'<input type="hidden" name="csrf" value="([^"]+)">')

@@ -34,6 +34,7 @@ __all__ = [
     "BreakGlassRefused",
     "effective_ceiling",
     "end",
+    "label",
     "new_grant",
     "relied_on",
     "review",
@@ -111,7 +112,8 @@ def _require_aware(name: str, when: datetime) -> None:
         raise ValueError(f"{name} must be timezone-aware")
 
 
-def _label(scopes: Iterable[Scope]) -> str:
+def label(scopes: Iterable[Scope]) -> str:
+    """``tool:tier, …`` in a stable order, for messages and pages."""
     return ", ".join(f"{s.tool}:{s.tier.value}" for s in sorted(scopes))
 
 
@@ -164,7 +166,7 @@ def new_grant(
     if covered:
         raise BreakGlassRefused(
             "already_in_ceiling",
-            f"already within the agent's ceiling: {_label(covered)}",
+            f"already within the agent's ceiling: {label(covered)}",
         )
     if expires_at <= now:
         raise BreakGlassRefused("expiry_in_past", "the expiry must be after now")

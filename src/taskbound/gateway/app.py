@@ -66,6 +66,7 @@ from taskbound.gateway.proxy import (
 from taskbound.gateway.upstream_tokens import CredentialUnavailable, TokenKey, UpstreamTokens
 from taskbound.service.approvals import HeldCall
 from taskbound.service.audit import AuditWriter
+from taskbound.service.audit_records import clip
 from taskbound.service.events import Change, Event
 from taskbound.service.policy import PolicyEngine
 from taskbound.service.registry import RESERVED_TOOL_IDS
@@ -184,13 +185,6 @@ class CallRecord:
             txn=(c.txn or c.task_id) if c else None,
             exception_id=c.exception if c else None,
         )
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """Agent-supplied text for an audit field: control characters (NUL included) escaped,
-    at most ``limit`` characters."""
-    out = text if text.isprintable() else repr(text)[1:-1]
-    return out[:limit]
 
 
 def _with_chain(detail: str | None, claims: CredentialClaims | None) -> str | None:
@@ -760,7 +754,7 @@ class Gateway:
             action = mcp_tool_action(tool, name)
             # An unknown name is the agent's text: recorded printable and bounded, so that
             # the refusal itself can always be audited.
-            record.action = action.name if action else _printable(name)
+            record.action = action.name if action else clip(name, 200)
             record.digest = argument_digest(dict(message.arguments))
             if action is None:
                 raise Refusal(
@@ -785,7 +779,7 @@ class Gateway:
                 record, tool, action, message.arguments, name, shape
             )
             return
-        record.action = f"mcp:{_printable(message.method)}"
+        record.action = f"mcp:{clip(message.method, 200)}"
         if message.method == "tools/list":
             return
         if any(

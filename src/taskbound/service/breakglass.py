@@ -132,7 +132,7 @@ class BreakGlassService:
             "allow",
             None,
             f"{bg.id} granted by {granted_by} ({cause}) until {bg.expires_at.isoformat()}: "
-            f"{_scopes(bg)}; justification: {bg.justification}",
+            f"{breakglass.label(bg.scopes)}; justification: {bg.justification}",
             owner=agent.owner_id,
         )
         log.warning(
@@ -142,7 +142,7 @@ class BreakGlassService:
                 "breakglass_id": bg.id,
                 "agent": bg.agent_id,
                 "granted_by": granted_by,
-                "scopes": _scopes(bg),
+                "scopes": breakglass.label(bg.scopes),
                 "expires_at": bg.expires_at.isoformat(),
             },
         )
@@ -323,7 +323,3 @@ class BreakGlassService:
                 exception_id=bg.id if bg is not None else None,
             )
         )
-
-
-def _scopes(bg: BreakGlass) -> str:
-    return ", ".join(f"{s.tool}:{s.tier.value}" for s in sorted(bg.scopes))

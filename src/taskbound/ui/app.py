@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 
 from taskbound.api.http import read_form
 from taskbound.config import Settings
-from taskbound.core.breakglass import BreakGlass
+from taskbound.core.breakglass import label
 from taskbound.core.model import ApprovalState, Role, Scope, TaskFilter, TaskState, Tier
 from taskbound.core.signin import token_hash
 from taskbound.errors import InvalidRequest, NotFound, RoleRequired, TaskboundError
@@ -398,7 +398,7 @@ def ui_mount(settings: Settings, services: Callable[[], Services]) -> Mount:
             bg=bg,
             state=svc.breakglass.state_of(bg),
             calls=calls,
-            scopes=_scope_text(bg),
+            scopes=label(bg.scopes),
         )
 
     @page("/breakglass/{bg_id}/end", methods=("POST",), roles=OVERSIGHT)
@@ -537,7 +537,3 @@ def _scopes(text: str) -> list[Scope]:
     if not scopes:
         raise InvalidRequest("name at least one tool:tier scope")
     return scopes
-
-
-def _scope_text(bg: BreakGlass) -> str:
-    return ", ".join(f"{s.tool}:{s.tier.value}" for s in sorted(bg.scopes))
