@@ -49,7 +49,8 @@ def gate(extra: list[str]) -> int:
         ["ruff", "check", "src", "tests", "bench", "run.py"],
         ["ruff", "format", "--check", "src", "tests", "bench", "run.py"],
         ["mypy"],
-        ["pytest", *extra],
+        # One worker per core (pytest-xdist); `-n 0` in extra runs in this process.
+        ["pytest", "-n", "auto", *extra],
     ]
     for step in steps:
         print(f"\n==> {' '.join(step)}", flush=True)

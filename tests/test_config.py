@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from taskbound.config import load_settings
+from taskbound.core.redact import DEFAULT_REDACT_KEYS
 from taskbound.errors import ConfigError
 
 
@@ -75,3 +76,64 @@ def test_settings_are_frozen() -> None:
     s = load_settings(environ={})
     with pytest.raises(ValueError, match="frozen"):
         s.server.port = 1  # type: ignore[misc]
+
+
+def test_recording_arguments_is_off_by_default() -> None:
+    audit = load_settings(environ={}).audit
+    assert audit.arguments_tools == []
+    assert audit.redact_keys == list(DEFAULT_REDACT_KEYS)
+    assert "*password*" in audit.redact_keys
+    assert audit.redact_paths == []
+    assert audit.arguments_max_bytes == 4096
+
+
+def test_recording_arguments_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "tb.toml"
+    cfg.write_text(
+        "[audit]\n"
+        'arguments_tools = ["issues", "tracker"]\n'
+        'redact_keys = ["*password*", "card_*"]\n'
+        'redact_paths = ["/body/card_number", "/items/*/note", "/a~1b"]\n'
+        "arguments_max_bytes = 256\n"
+    )
+    audit = load_settings(cfg, environ={}).audit
+    assert audit.arguments_tools == ["issues", "tracker"]
+    assert audit.redact_keys == ["*password*", "card_*"]  # replaces the defaults
+    assert audit.redact_paths == ["/body/card_number", "/items/*/note", "/a~1b"]
+    assert audit.arguments_max_bytes == 256
+    env = {
+        "TASKBOUND_AUDIT__ARGUMENTS_TOOLS": '["*"]',
+        "TASKBOUND_AUDIT__REDACT_PATHS": '["/x/0"]',
+        "TASKBOUND_AUDIT__ARGUMENTS_MAX_BYTES": "65536",
+    }
+    audit = load_settings(cfg, environ=env).audit
+    assert (audit.arguments_tools, audit.redact_paths, audit.arguments_max_bytes) == (
+        ["*"],
+        ["/x/0"],
+        65536,
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('redact_paths = ["body/card_number"]', "audit.redact_paths: 'body/card_number' is not a"),
+        ('redact_paths = ["/ok", "/a~2b"]', "'~' must be followed by 0 or 1"),
+        ('redact_paths = [""]', "would redact all the arguments"),
+        ("redact_paths = [3]", "audit.redact_paths.0"),
+        ('redact_keys = [""]', "audit.redact_keys: '' must be a pattern"),
+        ('arguments_tools = [""]', "audit.arguments_tools: '' is not a tool id"),
+        ('arguments_tools = "issues"', "audit.arguments_tools"),
+        ("arguments_max_bytes = 255", "audit.arguments_max_bytes"),
+        ("arguments_max_bytes = 65537", "audit.arguments_max_bytes"),
+        ("record_arguments = true", "audit.record_arguments: unknown key"),
+    ],
+)
+def test_bad_argument_recording_is_refused_with_the_key(
+    tmp_path: Path, toml: str, needle: str
+) -> None:
+    cfg = tmp_path / "tb.toml"
+    cfg.write_text(f"[audit]\n{toml}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert needle in info.value.detail

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from taskbound.core.redact import DEFAULT_REDACT_KEYS, parse_pointer
 from taskbound.core.signals import (
     CAEP_CREDENTIAL_CHANGE,
     CAEP_SESSION_REVOKED,
@@ -464,11 +465,45 @@ class AuditConfig(_Section):
     # Lines file (appended) and/or a URL (POSTed; https, or http on loopback).
     checkpoint_file: Path | None = None
     checkpoint_webhook_url: str | None = Field(None, min_length=1, max_length=2048)
+    # The tools whose calls' arguments the gateway records in their audit records,
+    # redacted ("*": every tool). None by default: the argument digest says which
+    # arguments without keeping them.
+    arguments_tools: list[str] = Field(default_factory=list)
+    # Member names (case-insensitive fnmatch patterns, any depth) and RFC 6901 JSON
+    # Pointers ("*" a segment matching any member or index) whose values are recorded as
+    # "[redacted]". Setting redact_keys replaces the default list.
+    redact_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_KEYS))
+    redact_paths: list[str] = Field(default_factory=list)
+    # The longest recorded arguments (RFC 8785 form, after redaction); longer ones are
+    # recorded as {"truncated": true, "bytes": N}.
+    arguments_max_bytes: int = Field(4096, ge=256, le=65536)
 
     @model_validator(mode="after")
     def _webhook(self) -> AuditConfig:
         if self.checkpoint_webhook_url is not None:
             check_signal_url(self.checkpoint_webhook_url, "audit.checkpoint_webhook_url")
+        return self
+
+    @model_validator(mode="after")
+    def _arguments(self) -> AuditConfig:
+        for tool in self.arguments_tools:
+            if not tool or len(tool) > 128:
+                raise ValueError(f"audit.arguments_tools: {tool!r} is not a tool id or '*'")
+        for pattern in self.redact_keys:
+            if not pattern or len(pattern) > 256:
+                raise ValueError(
+                    f"audit.redact_keys: {pattern!r} must be a pattern of 1 to 256 characters"
+                )
+        for path in self.redact_paths:
+            try:
+                tokens = parse_pointer(path)
+            except ValueError as exc:
+                raise ValueError(f"audit.redact_paths: {exc}") from None
+            if not tokens:
+                raise ValueError(
+                    "audit.redact_paths: '' would redact all the arguments; "
+                    "leave the tool out of audit.arguments_tools instead"
+                )
         return self
 
 

@@ -19,6 +19,7 @@ from taskbound.core import audit
 from taskbound.core.audit import GENESIS, ChainRecord
 from taskbound.core.keys import KeyRing
 from taskbound.core.model import AuditEvent, KeyPurpose
+from taskbound.service import audit_chain
 from taskbound.storage import schema as t
 from taskbound.storage.urls import parse_database_url
 from tests.core._crypto import key
@@ -255,6 +256,7 @@ async def test_a_listed_record_shows_every_field(live: Live) -> None:
         "upstream_status": None,
         "exception": "bg-9",
         "detail": "forbid: tool-b on weekends",
+        "arguments": None,
     }
 
 
@@ -550,6 +552,34 @@ async def test_a_rewritten_tail_is_caught_by_the_checkpoint(live: Live) -> None:
     }
     # Every record itself is consistent: the chain was walked to its end.
     assert report["records"] == len(records)
+
+
+async def test_verification_reads_the_store_a_page_at_a_time(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server never holds the whole chain: it walks it page by page (here 3 records
+    a page) and still finds a problem at the right record."""
+    records, point = await tampered(live)
+    monkeypatch.setattr(audit_chain, "PAGE", 3)
+    storage = live.services.storage
+    asked: list[int] = []
+    list_chain = storage.list_chain
+
+    async def spy(*, after: int = 0, limit: int = 1000) -> list[ChainRecord]:
+        asked.append(limit)
+        return await list_chain(after=after, limit=limit)
+
+    monkeypatch.setattr(storage, "list_chain", spy)
+    assert (await verify(live))["ok"]
+    assert max(asked) == 3
+    assert len(asked) >= len(records) // 3
+    victim = records[len(records) // 2]
+    with database(live) as db:
+        db.execute(delete(t.audit_events).where(t.audit_events.c.seq == victim.seq))
+    report = await verify(live)
+    assert report["problem"]["kind"] == "missing"
+    assert report["problem"]["seq"] == victim.seq + 1
+    assert point["seq"] >= victim.seq
 
 
 async def test_a_checkpoint_row_signed_by_another_key_is_refused(live: Live) -> None:

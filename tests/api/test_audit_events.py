@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from taskbound.core.clock import FakeClock
-from taskbound.core.model import AuditEvent, TaskFilter, TaskState
+from taskbound.core.model import AgentState, AuditEvent, TaskFilter
+from taskbound.errors import StorageError
+from taskbound.service.admin import create_admin_token
 from taskbound.service.policy import default_policy_dir
-from tests.services import postgres_conninfo, postgres_url
-from tests.storage.conftest import postgres_schema
+from tests.services import postgres_url
+from tests.storage.conftest import postgres_schema, refuse_audit_inserts
 
 from .conftest import AGENT, REGISTRY, Live, make_settings, start_live
 
@@ -54,31 +53,7 @@ class World:
 
     def refuse_audit_inserts(self) -> None:
         """From now on the database refuses every insert into ``audit_events``."""
-        if self.backend == "sqlite":
-            path = make_url(self.url).database
-            assert path is not None
-            with contextlib.closing(sqlite3.connect(path)) as db:
-                # A trigger whose body names a table that is gone: every insert fails with
-                # "no such table" (an operational error, as a broken store gives).
-                db.executescript(
-                    "CREATE TABLE tb_gone (x);"
-                    "CREATE TRIGGER tb_refuse_audit BEFORE INSERT ON audit_events "
-                    "BEGIN INSERT INTO tb_gone VALUES (1); END;"
-                    "DROP TABLE tb_gone;"
-                )
-            return
-        # The test role is a superuser, which REVOKE cannot restrain: a trigger refuses
-        # with the error a revoked privilege gives.
-        with psycopg.connect(postgres_conninfo(self.url), autocommit=True) as conn:
-            conn.execute(
-                "CREATE FUNCTION tb_refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN RAISE EXCEPTION 'permission denied for table audit_events' "
-                "USING ERRCODE = 'insufficient_privilege'; END $$"
-            )
-            conn.execute(
-                "CREATE TRIGGER tb_refuse_audit BEFORE INSERT ON audit_events "
-                "FOR EACH ROW EXECUTE FUNCTION tb_refuse_audit()"
-            )
+        refuse_audit_inserts(self.url)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -480,19 +455,42 @@ async def test_a_registry_change_policy_cannot_follow_is_recorded_once(world: Wo
 # --- no answer without its record ----------------------------------------------------
 
 
-async def test_an_admin_change_fails_when_its_record_cannot_be_written(world: World) -> None:
+async def test_an_admin_change_without_its_record_does_not_happen(world: World) -> None:
     live = world.live
     before = await world.records()
+    keys = await world.storage.list_keys()
+    tools = await world.storage.list_tools()
     world.refuse_audit_inserts()
     r = await live.http.post(
         "/v1/admin/owners", json={"id": "dave", "contact": "d@example.com"}, headers=live.admin
     )
     assert_storage_unavailable(r)
-    r = await live.http.post(f"/v1/admin/agents/{AGENT}/suspend", headers=live.admin)
-    assert_storage_unavailable(r)
+    assert await world.storage.get_owner("dave") is None
     r = await live.http.post("/v1/admin/keys/rotate", headers=live.admin)
     assert_storage_unavailable(r)
+    assert await world.storage.list_keys() == keys
+    tool = dict(REGISTRY["tools"][0])
+    tool.pop("upstream_secret")
+    tool["description"] = "changed without a record"
+    r = await live.http.put("/v1/admin/tools/issues", json=tool, headers=live.admin)
+    assert_storage_unavailable(r)
+    assert await world.storage.list_tools() == tools
+    with pytest.raises(StorageError):
+        await create_admin_token(world.storage, live.services.clock, "unrecorded")
+    assert len(await world.storage.list_admin_tokens()) == 1
     assert await world.records() == before
+
+
+async def test_a_suspension_without_its_record_still_takes_effect(world: World) -> None:
+    # Taking authority away is committed first and recorded right after: the caller
+    # hears of the failed record, and the agent stays suspended (fail safe).
+    live = world.live
+    world.refuse_audit_inserts()
+    r = await live.http.post(f"/v1/admin/agents/{AGENT}/suspend", headers=live.admin)
+    assert_storage_unavailable(r)
+    agent = await world.storage.get_agent(AGENT)
+    assert agent is not None
+    assert agent.state is AgentState.SUSPENDED
 
 
 async def test_a_policy_reload_without_its_record_changes_nothing(world: World) -> None:
@@ -514,12 +512,8 @@ async def test_a_task_start_without_its_record_hands_out_nothing(world: World) -
     r = await agent.start()
     assert_storage_unavailable(r)
     assert "access_token" not in r.text
-    # The task was committed before its record failed; it is ended, so nothing of it is live.
-    (task,) = await world.storage.list_tasks(TaskFilter(agent_id=AGENT))
-    assert task.state is TaskState.REVOKED
-    assert task.end_reason == "its audit record could not be written"
-    for cred in await world.storage.list_credentials(task.id):
-        assert cred.revoked_at is not None
+    # The task, its credentials and their records are one transaction: none of it exists.
+    assert await world.storage.list_tasks(TaskFilter(agent_id=AGENT)) == []
 
 
 async def test_a_refresh_without_its_record_hands_out_nothing(world: World) -> None:
@@ -532,5 +526,4 @@ async def test_a_refresh_without_its_record_hands_out_nothing(world: World) -> N
     assert_storage_unavailable(r)
     assert "access_token" not in r.text
     creds = await world.storage.list_credentials(task["id"])
-    (fresh,) = [c for c in creds if c.jti not in {x["jti"] for x in task["credentials"]}]
-    assert fresh.revoked_at is not None
+    assert {c.jti for c in creds} == {x["jti"] for x in task["credentials"]}

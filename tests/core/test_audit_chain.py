@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from taskbound.core import audit, jws
-from taskbound.core.audit import FIELDS, GENESIS, ChainRecord, Report
+from taskbound.core.audit import FIELDS, GENESIS, OPTIONAL_FIELDS, ChainRecord, Report
 from taskbound.core.keys import KeyRing, public_jwk
 from taskbound.core.model import AuditEvent
 
@@ -135,7 +135,8 @@ def relinked(records: Sequence[ChainRecord], prev: str) -> list[ChainRecord]:
 
 
 def test_fields_are_exactly_the_audit_event() -> None:
-    assert set(FIELDS) == {f.name for f in fields(AuditEvent)}
+    assert set(FIELDS) | set(OPTIONAL_FIELDS) == {f.name for f in fields(AuditEvent)}
+    assert not set(FIELDS) & set(OPTIONAL_FIELDS)
     assert len(FIELDS) == len(set(FIELDS))
     assert tuple(audit.body_of(full_event(0))) == FIELDS
 
@@ -545,6 +546,169 @@ def test_a_malformed_record_further_on_does_not_hide_a_gap() -> None:
     records = CHAIN[:K] + CHAIN[K + 1 :]
     records[-1] = replace(records[-1], seq="x")  # type: ignore[arg-type]
     assert problem(check(records)) == ("missing", K + 2)
+
+
+# --- recorded arguments (the optional member) ---------------------------------------------
+
+ARGUMENTS: dict[str, Any] = {
+    "project": "WEB",
+    "password": "[redacted]",
+    "items": [{"note": "first", "qty": 2}, {"note": "[redacted]", "price": 9.99}],
+    "flags": {"dry_run": False, "nothing": None},
+}
+
+
+def with_arguments(n: int = N, at: Sequence[int] = (K, K + 2)) -> list[ChainRecord]:
+    """A chain whose records at the indexes ``at`` carry arguments (the others none)."""
+    made = [
+        replace(e, arguments={**ARGUMENTS, "n": i}) if i in at else e
+        for i, e in enumerate(events(n))
+    ]
+    return audit.chain(0, GENESIS, made)
+
+
+ARGS_CHAIN = with_arguments()
+
+
+def test_arguments_are_in_the_body_only_when_recorded() -> None:
+    event = replace(full_event(0), arguments=ARGUMENTS)
+    body = audit.body_of(event)
+    assert tuple(body) == (*FIELDS, "arguments")
+    assert body["arguments"] == ARGUMENTS
+    # Without them the body is exactly the 20 fields: records made before keep their hash.
+    assert tuple(audit.body_of(full_event(0))) == FIELDS
+    assert "arguments" not in audit.body_of(replace(full_event(0), arguments=None))
+    # Falsy values are values: recorded.
+    for value in ({}, [], "", 0, False):
+        assert audit.body_of(replace(bare_event(0), arguments=value))["arguments"] == value
+
+
+def test_a_record_without_arguments_hashes_as_before() -> None:
+    """The pinned hash of format 1 (test_record_hash_is_sha256_of_the_canonical_envelope)
+    holds for an event that has the field but no value."""
+    body = audit.body_of(replace(bare_event(0), arguments=None))
+    assert audit.record_hash(1, GENESIS, body) == (
+        "f9297fa9e446848f4941c6b5ab90399922e30e07035ed9c194cd01e74ba8fd06"
+    )
+    assert audit.record_hash(1, GENESIS, {**body, "arguments": {}}) != audit.record_hash(
+        1, GENESIS, body
+    )
+
+
+def test_arguments_round_trip_through_event_of() -> None:
+    event = replace(full_event(2), arguments=ARGUMENTS)
+    body = audit.body_of(event)
+    assert audit.event_of(body) == event
+    assert audit.body_of(audit.event_of(body)) == body
+    assert audit.event_of(json.loads(json.dumps(body))) == event
+    assert audit.event_of(audit.body_of(full_event(2))).arguments is None
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({**audit.body_of(bare_event(0)), "arguments": None}, "must not be null"),
+        ({**audit.body_of(bare_event(0)), "arguments": {}, "extra": 1}, "format 1"),
+    ],
+)
+def test_event_of_refuses_a_bad_arguments_member(body: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        audit.event_of(body)
+
+
+def test_a_chain_with_arguments_verifies() -> None:
+    assert [("arguments" in r.body) for r in ARGS_CHAIN].count(True) == 2
+    report = check(ARGS_CHAIN, [checkpoint(ARGS_CHAIN, N)])
+    assert report.ok, report.problem
+    assert (report.records, report.last_seq) == (N, N)
+    records, points = read_export(export(ARGS_CHAIN, [checkpoint(ARGS_CHAIN, N)]))
+    assert records == ARGS_CHAIN
+    assert check(records, points).ok
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {**ARGUMENTS, "project": "PAYROLL"},
+        {**ARGUMENTS, "password": "hunter2"},
+        {**ARGUMENTS, "items": [{"note": "first", "qty": 3}, ARGUMENTS["items"][1]]},
+        {**ARGUMENTS, "flags": {"dry_run": True, "nothing": None}},
+        {k: v for k, v in ARGUMENTS.items() if k != "flags"},
+        {**ARGUMENTS, "added": 1},
+        "[redacted]",
+        {"truncated": True, "bytes": 5000},
+    ],
+    ids=["value", "unredacted", "nested", "bool", "member-dropped", "member-added", "str", "cut"],
+)
+def test_editing_one_argument_is_detected_at_that_record(arguments: Any) -> None:
+    records = list(ARGS_CHAIN)
+    records[K] = edited_body(records[K], arguments=arguments)
+    report = check(records)
+    assert problem(report) == ("edited", K + 1)
+    assert (report.records, report.head) == (K, ARGS_CHAIN[K - 1].hash)
+
+
+def test_adding_or_removing_the_arguments_member_is_an_edit() -> None:
+    removed = list(ARGS_CHAIN)
+    removed[K] = replace(
+        removed[K], body={k: v for k, v in removed[K].body.items() if k != "arguments"}
+    )
+    assert problem(check(removed)) == ("edited", K + 1)
+    added = list(ARGS_CHAIN)
+    added[K + 1] = edited_body(added[K + 1], arguments={"project": "WEB"})
+    assert problem(check(added)) == ("edited", K + 2)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [None, float("nan"), {"n": 2**60}, {"b": b"bytes"}, {1: "x"}],
+    ids=["null", "nan", "huge-integer", "bytes", "non-string-key"],
+)
+def test_an_arguments_member_json_cannot_carry_is_malformed(arguments: Any) -> None:
+    records = list(ARGS_CHAIN)
+    records[K] = edited_body(records[K], arguments=arguments)
+    report = check(records)
+    assert problem(report) == ("malformed", K + 1)
+    assert report.records == K
+
+
+# What RFC 8785 carries exactly: what the gateway records (core/redact.py) always is.
+recordable = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@FAST
+@given(value=recordable)
+def test_any_change_of_the_arguments_is_detected_at_its_record(value: Any) -> None:
+    original = ARGS_CHAIN[K].body["arguments"]
+    # The same value in another spelling (1 and 1.0, -0.0 and 0) is not a change.
+    assume(value is None or _canonical(value) != _canonical(original))
+    records = list(ARGS_CHAIN)
+    records[K] = edited_body(records[K], arguments=value)
+    report = check(records, [checkpoint(ARGS_CHAIN, N)])
+    assert report.problem is not None
+    assert report.problem.seq == K + 1
+    assert report.problem.kind == ("malformed" if value is None else "edited")
+
+
+@FAST
+@given(value=recordable.filter(lambda v: v is not None))
+def test_recorded_arguments_round_trip_and_verify(value: Any) -> None:
+    event = replace(bare_event(0), arguments=value)
+    body = audit.body_of(event)
+    back = audit.event_of(json.loads(json.dumps(body)))
+    assert audit.body_of(back) == body
+    (record,) = audit.chain(0, GENESIS, [event])
+    assert check(read_export(export([record]))[0]).ok
 
 
 # --- checkpoints --------------------------------------------------------------------------

@@ -210,6 +210,14 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path, clock: FakeClock) -> AsyncIterator[World]:
+    async for world in open_world(tmp_path, clock):
+        yield world
+
+
+async def open_world(
+    tmp_path: Path, clock: FakeClock, **sections: dict[str, Any]
+) -> AsyncIterator[World]:
+    """The upstreams (HTTP echo, MCP tracker) and a live server with their registry."""
     echo = Echo(f"http://127.0.0.1:{free_port()}")
     calls: list[dict[str, Any]] = []
     mcp_port = free_port()
@@ -217,7 +225,7 @@ async def world(tmp_path: Path, clock: FakeClock) -> AsyncIterator[World]:
         await serve(echo_app(echo), int(echo.base.rsplit(":", 1)[1])),
         await serve(mcp_server(calls).streamable_http_app(stateless_http=True), mcp_port),
     ]
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, **sections)
     try:
         async for live in start_live(settings, clock, registry=False):
             doc = registry(echo.base, f"http://127.0.0.1:{mcp_port}/mcp", live.base)
@@ -260,4 +268,12 @@ def call_headers(agent: Agent, token: str, method: str, path: str, **kw: Any) ->
     }
 
 
-__all__ = ["UPSTREAM_SECRET", "DPoPAuth", "World", "call_headers", "free_port", "registry"]
+__all__ = [
+    "UPSTREAM_SECRET",
+    "DPoPAuth",
+    "World",
+    "call_headers",
+    "free_port",
+    "open_world",
+    "registry",
+]

@@ -8,7 +8,9 @@ version table land there), emptied before each test and dropped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,3 +122,46 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture
 def storage(backend: Backend) -> Storage:
     return backend.storage
+
+
+def refuse_audit_inserts(url: str) -> None:
+    """From now on the SQL database at ``url`` refuses every insert into ``audit_events``,
+    with the error a broken store gives."""
+    if make_url(url).get_backend_name() == "sqlite":
+        path = make_url(url).database
+        assert path is not None
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            # A trigger whose body names a table that is gone: every insert fails with
+            # "no such table" (an operational error, as a broken store gives).
+            db.executescript(
+                "CREATE TABLE tb_gone (x);"
+                "CREATE TRIGGER tb_refuse_audit BEFORE INSERT ON audit_events "
+                "BEGIN INSERT INTO tb_gone VALUES (1); END;"
+                "DROP TABLE tb_gone;"
+            )
+        return
+    # The test role is a superuser, which REVOKE cannot restrain: a trigger refuses with
+    # the error a revoked privilege gives.
+    with psycopg.connect(postgres_conninfo(url), autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION tb_refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN RAISE EXCEPTION 'permission denied for table audit_events' "
+            "USING ERRCODE = 'insufficient_privilege'; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER tb_refuse_audit BEFORE INSERT ON audit_events "
+            "FOR EACH ROW EXECUTE FUNCTION tb_refuse_audit()"
+        )
+
+
+def allow_audit_inserts(url: str) -> None:
+    """Undo :func:`refuse_audit_inserts` (the PostgreSQL schema outlives one test)."""
+    if make_url(url).get_backend_name() == "sqlite":
+        path = make_url(url).database
+        assert path is not None
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("DROP TRIGGER IF EXISTS tb_refuse_audit")
+        return
+    with psycopg.connect(postgres_conninfo(url), autocommit=True) as conn:
+        conn.execute("DROP TRIGGER IF EXISTS tb_refuse_audit ON audit_events")
+        conn.execute("DROP FUNCTION IF EXISTS tb_refuse_audit()")

@@ -1,6 +1,7 @@
 """The audit chain store (AuditChainStore), conformance-tested on memory, SQLite and
 PostgreSQL (conftest.py): gapless numbering and links, the head, checkpoints, retention,
-the new list_audit filters, many writers at once, and the 0007 migration's backfill.
+the new list_audit filters, many writers at once, recorded arguments, the 0007
+migration's backfill and the 0008 migration (arguments) keeping existing chains valid.
 
 The race uses separate engines on the SQL backends, as gateway replicas would.
 """
@@ -26,7 +27,7 @@ from taskbound.core.keys import KeyRing, public_jwk
 from taskbound.core.model import AuditEvent
 from taskbound.errors import Conflict
 from taskbound.service.runtime import open_services
-from taskbound.storage import Storage, migrate, open_storage
+from taskbound.storage import Storage, codec, migrate, open_storage
 from taskbound.storage import schema as t
 from taskbound.storage.codec import AUDIT_DETAIL_MAX, AUDIT_TRUNCATED, audit_row
 from taskbound.storage.migrate import alembic_config
@@ -262,6 +263,75 @@ async def test_concurrent_appends_from_separate_handles_make_one_chain(
     assert set(heads) == {(total, chain[-1].hash)}
 
 
+# --- recorded arguments -------------------------------------------------------------------
+
+CALL_ARGUMENTS = {"project": "WEB", "password": "[redacted]", "items": [{"n": 1, "p": 9.5}]}
+
+
+async def test_records_with_arguments_are_chained_and_verify(
+    storage: Storage, clock: FakeClock
+) -> None:
+    events = [
+        make_audit(clock.advance(1)),
+        full_audit(clock.advance(1), arguments=CALL_ARGUMENTS),
+        make_audit(clock.advance(1), arguments={}),
+        full_audit(clock.advance(1)),
+    ]
+    await storage.append_audits(events[:2])
+    await storage.append_audits(events[2:])
+    chain = await storage.list_chain()
+    assert ["arguments" in r.body for r in chain] == [False, True, True, False]
+    assert chain[1].body["arguments"] == CALL_ARGUMENTS
+    assert chain[2].body["arguments"] == {}
+    assert [r.body for r in chain] == [audit.body_of(e) for e in events]
+    assert chain == audit.chain(0, GENESIS, events)
+    points = [await checkpoint_at(storage, 4, clock)]
+    report = verify(chain, points)
+    assert report.ok, report.problem
+    assert [e for _, e in await storage.list_audit()] == events
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_an_argument_edited_in_the_database_is_detected(
+    kind: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    with _database(kind, tmp_path) as url:
+        storage = await open_storage(url)
+        engine = create_engine(_sync(url))
+        try:
+            await storage.append_audits(
+                [
+                    make_audit(clock.advance(1), arguments={"a": 1}),
+                    full_audit(clock.advance(1), arguments=CALL_ARGUMENTS),
+                    make_audit(clock.advance(1), arguments={"a": 3}),
+                ]
+            )
+            assert verify(await storage.list_chain()).ok
+            c = t.audit_events.c
+            for forged in (
+                {**CALL_ARGUMENTS, "password": "hunter2"},
+                {**CALL_ARGUMENTS, "items": [{"n": 2, "p": 9.5}]},
+                None,  # the member removed: read back as a record without arguments
+            ):
+                with engine.begin() as conn:
+                    conn.execute(t.audit_events.update().where(c.seq == 2).values(arguments=forged))
+                report = verify(await storage.list_chain())
+                assert report.problem is not None
+                assert (report.problem.kind, report.problem.seq, report.records) == (
+                    "edited",
+                    2,
+                    1,
+                )
+            with engine.begin() as conn:
+                conn.execute(
+                    t.audit_events.update().where(c.seq == 2).values(arguments=CALL_ARGUMENTS)
+                )
+            assert verify(await storage.list_chain()).ok
+        finally:
+            engine.dispose()
+            await storage.close()
+
+
 # --- checkpoints --------------------------------------------------------------------------
 
 
@@ -423,6 +493,12 @@ def _sync(url: str) -> str:
     return parse_database_url(url).sync_url.render_as_string(hide_password=False)
 
 
+def _without_arguments(row: dict[str, object]) -> dict[str, object]:
+    """An audit row as a schema before 0008 holds it."""
+    assert row.pop("arguments") is None
+    return row
+
+
 @contextlib.contextmanager
 def _database(kind: str, tmp_path: Path) -> Iterator[str]:
     if kind == "postgres":
@@ -455,10 +531,13 @@ async def test_upgrading_chains_existing_records(
             ]
             seqs = [3, 4, 6, 10]
             with engine.begin() as conn:
-                # The columns 0006 has: the chain's are not part of the statement.
+                # The columns 0006 has: the chain's (and 0008's) are not part of the statement.
                 conn.execute(
                     t.audit_events.insert(),
-                    [{**audit_row(e), "seq": s} for s, e in zip(seqs, old, strict=True)],
+                    [
+                        {**_without_arguments(audit_row(e)), "seq": s}
+                        for s, e in zip(seqs, old, strict=True)
+                    ],
                 )
         finally:
             engine.dispose()
@@ -502,3 +581,89 @@ async def test_upgrading_an_empty_log(tmp_path: Path) -> None:
         assert verify(await storage.list_chain()).ok
     finally:
         await storage.close()
+
+
+# --- the 0008 migration: arguments, and every existing hash kept --------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_upgrading_to_0008_keeps_existing_chains_valid(
+    kind: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A chain (and its checkpoint) written under 0007 verifies unchanged after 0008, and
+    goes on with records that carry arguments."""
+    with _database(kind, tmp_path) as url:
+        sync = _sync(url)
+        command.upgrade(alembic_config(url=sync), "0007")
+        engine = create_engine(sync)
+        try:
+            columns = {c["name"] for c in inspect(engine).get_columns("audit_events")}
+            assert "arguments" not in columns
+            assert "hash" in columns
+            old = [
+                full_audit(clock.now().astimezone(IST), txn="txn-1"),
+                make_audit(clock.advance(1.5), latency_ms=12.345678),
+                make_audit(clock.advance(1), event="task.started", decision="info"),
+            ]
+            rows = codec.chain_rows([audit_row(e) for e in old], 0, GENESIS)
+            point = audit.sign_checkpoint(
+                seq=3, head=rows[-1]["hash"], time=clock.now(), issuer=ISSUER, key=SIGNER
+            )
+            with engine.begin() as conn:
+                conn.execute(t.audit_events.insert(), [_without_arguments(r) for r in rows])
+                conn.execute(t.audit_checkpoints.insert(), codec.checkpoint_row(point))
+        finally:
+            engine.dispose()
+        await migrate(url)
+        storage = await open_storage(url)
+        try:
+            chain = await storage.list_chain()
+            assert [r.hash for r in chain] == [r["hash"] for r in rows]
+            assert all("arguments" not in r.body for r in chain)
+            assert [e for _, e in await storage.list_audit()] == old
+            report = verify(chain, await storage.list_checkpoints())
+            assert report.ok, report.problem
+            assert report.checkpoints == 1
+            assert (
+                await storage.append_audit(full_audit(clock.advance(1), arguments=CALL_ARGUMENTS))
+                == 4
+            )
+            after = await storage.list_chain()
+            assert after[:3] == chain
+            assert after[3].body["arguments"] == CALL_ARGUMENTS
+            assert verify(after, await storage.list_checkpoints()).ok
+        finally:
+            await storage.close()
+
+
+async def test_downgrading_below_0008_refuses_to_drop_recorded_arguments(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'args.db'}"
+    storage = await open_storage(url)
+    try:
+        await storage.append_audit(make_audit(clock.now()))
+        await storage.append_audit(make_audit(clock.now(), arguments={"a": 1}))
+    finally:
+        await storage.close()
+    with pytest.raises(RuntimeError, match="would break the audit chain"):
+        command.downgrade(alembic_config(url=_sync(url)), "0007")
+    storage = await open_storage(url)
+    try:
+        assert verify(await storage.list_chain()).ok  # nothing was dropped
+    finally:
+        await storage.close()
+    # Without recorded arguments, the column goes.
+    empty = f"sqlite:///{tmp_path / 'none.db'}"
+    storage = await open_storage(empty)
+    try:
+        await storage.append_audit(make_audit(clock.now()))
+    finally:
+        await storage.close()
+    command.downgrade(alembic_config(url=empty), "0007")
+    engine = create_engine(empty)
+    try:
+        columns = {c["name"] for c in inspect(engine).get_columns("audit_events")}
+    finally:
+        engine.dispose()
+    assert "arguments" not in columns

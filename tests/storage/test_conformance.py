@@ -1125,6 +1125,84 @@ async def test_audit_round_trip_of_every_field(storage: Storage, clock: FakeCloc
     assert (second.latency_ms, second.upstream_status, second.detail) == (None, None, None)
 
 
+# A call's arguments as the gateway records them (already redacted): every JSON shape.
+RECORDED_ARGUMENTS: list[object] = [
+    {
+        "project": "WEB",
+        "password": "[redacted]",
+        "items": [{"n": 1, "price": 9.99, "ok": True, "none": None}, [], {}],
+        "unicode": "naïve ✓ 🎉 \t\n \\u0000 (text, not a NUL)",
+        "small": 1e-7,
+        "large": 1.5e300,
+        "safe": 2**53 - 1,
+        "negative": -(2**53) + 1,
+        "half": -0.5,
+    },
+    {},
+    [],
+    "[redacted]",
+    0,
+    False,
+    {"truncated": True, "bytes": 5000},
+]
+
+
+async def test_audit_round_trip_of_recorded_arguments(storage: Storage, clock: FakeClock) -> None:
+    events = [full_audit(clock.advance(1), arguments=value) for value in RECORDED_ARGUMENTS]
+    events.append(full_audit(clock.advance(1)))  # none recorded
+    await storage.append_audits(events[:2])
+    for event in events[2:]:
+        await storage.append_audit(event)
+    got = [e for _, e in await storage.list_audit()]
+    assert got == events
+    assert [e.arguments for e in got] == [*RECORDED_ARGUMENTS, None]
+    first = got[0].arguments
+    assert isinstance(first, dict)
+    assert type(first["safe"]) is int
+    assert type(first["small"]) is float
+    assert await storage.list_audit(tool="github", limit=1) == [(1, events[0])]
+
+
+async def test_recorded_arguments_are_detached_from_the_callers_objects(
+    storage: Storage, clock: FakeClock
+) -> None:
+    arguments = {"items": [{"n": 1}], "tuple": (1, 2)}
+    await storage.append_audit(make_audit(clock.now(), arguments=arguments))
+    arguments["items"][0]["n"] = 2  # type: ignore[index]
+    ((_, got),) = await storage.list_audit()
+    # A tuple comes back as JSON has it: a list.
+    assert got.arguments == {"items": [{"n": 1}], "tuple": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"note": "a\x00b"}, "NUL"),
+        ({"a\x00": 1}, "NUL"),
+        ([["deep", "\x00"]], "NUL"),
+        ({"n": float("nan")}, "arguments"),
+        ({"n": float("inf")}, "arguments"),
+        ({"n": 2**60}, "arguments"),
+        ({1: "x"}, "arguments"),
+        ({"b": b"bytes"}, "arguments"),
+        ({"s": {1, 2}}, "arguments"),
+        ("\ud800", "arguments"),
+    ],
+    ids=["nul", "nul-name", "nul-deep", "nan", "inf", "huge", "key", "bytes", "set", "surrogate"],
+)
+async def test_audit_refuses_arguments_no_store_can_keep(
+    storage: Storage, clock: FakeClock, arguments: object, problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        await storage.append_audit(full_audit(clock.now(), arguments=arguments))
+    with pytest.raises(ValueError, match=problem):
+        await storage.append_audits(
+            [make_audit(clock.now()), make_audit(clock.now(), arguments=arguments)]
+        )
+    assert await storage.list_audit() == []
+    assert await storage.append_audit(make_audit(clock.now(), arguments={"ok": 1})) == 1
+
+
 async def test_audit_sequence_increases_and_pages(storage: Storage, clock: FakeClock) -> None:
     assert await storage.list_audit() == []
     seqs = [await storage.append_audit(make_audit(clock.advance(1), jti=f"j{i}")) for i in range(7)]

@@ -351,6 +351,8 @@ def audit_view(seq: int, e: AuditEvent) -> dict[str, Any]:
         "upstream_status": e.upstream_status,
         "exception": e.exception_id,
         "detail": e.detail,
+        # The call's recorded (redacted) arguments; null when none were recorded.
+        "arguments": e.arguments,
     }
 
 

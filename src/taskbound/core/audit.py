@@ -4,7 +4,9 @@ database included — can change, remove, insert or reorder a record unnoticed.
 
 Format version 1. A record's **body** is the fixed set of fields of
 :class:`~taskbound.core.model.AuditEvent` (:data:`FIELDS`), absent values as ``null``, time
-as RFC 3339 UTC with microseconds. Its **hash** is::
+as RFC 3339 UTC with microseconds, and the optional members (:data:`OPTIONAL_FIELDS`:
+``arguments``) only when they have a value, so that a record without them hashes as it
+always did. Its **hash** is::
 
     SHA-256( RFC 8785 canonical JSON of {"v": 1, "seq": seq, "prev": prev, "record": body} )
 
@@ -42,6 +44,7 @@ __all__ = [
     "FIELDS",
     "FORMAT_VERSION",
     "GENESIS",
+    "OPTIONAL_FIELDS",
     "ChainRecord",
     "Checkpoint",
     "Problem",
@@ -84,6 +87,10 @@ FIELDS: Final = (
     "detail",
 )
 
+#: Members a body holds only when they have a value (never as ``null``): the call's
+#: arguments, for a tool configured to record them (already redacted).
+OPTIONAL_FIELDS: Final = ("arguments",)
+
 
 def _time(when: datetime) -> str:
     if when.tzinfo is None or when.utcoffset() is None:
@@ -93,7 +100,7 @@ def _time(when: datetime) -> str:
 
 def body_of(event: AuditEvent) -> dict[str, Any]:
     """The canonical body of ``event`` (what the hash covers)."""
-    return {
+    body: dict[str, Any] = {
         "time": _time(event.time),
         "event": event.event,
         "decision": event.decision,
@@ -116,12 +123,25 @@ def body_of(event: AuditEvent) -> dict[str, Any]:
         "upstream_status": event.upstream_status,
         "detail": event.detail,
     }
+    # Only when recorded: every record without arguments keeps the body (and hash) it had.
+    if event.arguments is not None:
+        body["arguments"] = event.arguments
+    return body
+
+
+def _is_body_shape(body: Mapping[str, Any]) -> bool:
+    """Exactly the fields of format 1, with or without each optional member."""
+    return set(FIELDS).issubset(body) and set(body).issubset((*FIELDS, *OPTIONAL_FIELDS))
 
 
 def event_of(body: Mapping[str, Any]) -> AuditEvent:
     """The event a body describes (``ValueError`` when it is not a body of this format)."""
-    if set(body) != set(FIELDS):
+    if not _is_body_shape(body):
         raise ValueError("not an audit record body of format 1")
+    if "arguments" in body and body["arguments"] is None:
+        # body_of never writes it so: a null here was put there, and would hash differently
+        # from the record without the member that it reads back as.
+        raise ValueError("arguments, when present, must not be null")
     try:
         when = datetime.strptime(str(body["time"]), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     except ValueError:
@@ -150,6 +170,7 @@ def event_of(body: Mapping[str, Any]) -> AuditEvent:
         latency_ms=body["latency_ms"],
         upstream_status=body["upstream_status"],
         detail=body["detail"],
+        arguments=body.get("arguments"),
     )
 
 
@@ -298,6 +319,11 @@ def verify(
     an edited export may hold (``malformed``).
     """
     algs = tuple(algorithms)
+    checkpoints = list(checkpoints)
+    # Only the hashes checkpoints may ask about are kept (memory: one entry per checkpoint,
+    # whatever the chain's length). A checkpoint whose claimed seq cannot be read yet
+    # (it fails its signature check below) needs none.
+    wanted = {seq for seq in map(_claimed_seq, checkpoints) if seq is not None}
     count, first, last_seq, prev = 0, None, None, start_prev
     seen: dict[int, str] = {}
     remaining = iter(records)
@@ -332,7 +358,8 @@ def verify(
         count += 1
         first = record.seq if first is None else first
         last_seq, prev = record.seq, record.hash
-        seen[record.seq] = record.hash
+        if record.seq in wanted:
+            seen[record.seq] = record.hash
     signed = 0
     for token in checkpoints:
         if keys is None:
@@ -371,6 +398,16 @@ def verify(
     return Report(count, signed, first, last_seq, prev)
 
 
+def _claimed_seq(token: str) -> int | None:
+    """The ``seq`` a checkpoint claims, read without checking it (only to know which
+    record hashes to keep; :func:`verify_checkpoint` decides what it is worth)."""
+    try:
+        seq = jws.decode_claims(jws.parse_compact(token, max_length=4096)).get("seq")
+    except (jws.Rejected, ValueError, TypeError):
+        return None
+    return seq if _is_seq(seq) else None
+
+
 def _is_seq(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -383,7 +420,7 @@ def _recompute(record: ChainRecord) -> tuple[str, str] | tuple[None, str]:
     if not isinstance(record.prev, str) or not isinstance(record.hash, str):
         return None, f"record {record.seq}: prev and hash must be strings"
     body = record.body
-    if not isinstance(body, Mapping) or set(body) != set(FIELDS):
+    if not isinstance(body, Mapping) or not _is_body_shape(body):
         return None, f"record {record.seq} is not a record of format {FORMAT_VERSION}"
     try:
         event_of(body)

@@ -304,6 +304,9 @@ class AuditEvent:
     detail: str | None = None  # internal reason, never a secret
     txn: str | None = None  # the transaction id of the task's delegation chain
     exception_id: str | None = None  # the break-glass exception the event relied on
+    # The call's arguments as recorded (a JSON value, already redacted: core/redact.py);
+    # None when the tool is not configured to record them (audit.arguments_tools).
+    arguments: Any | None = field(default=None, hash=False)
 
 
 class RevocationKind(StrEnum):

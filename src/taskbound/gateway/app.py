@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any, cast
-from urllib.parse import urljoin
+from urllib.parse import parse_qs, urljoin
 
 import aiohttp
 import httpx
@@ -52,6 +52,7 @@ from taskbound.core.model import (
     ToolKind,
 )
 from taskbound.core.policy import Decision
+from taskbound.core.redact import RedactionRules, redact
 from taskbound.core.tokens import CredentialClaims
 from taskbound.core.txn import TXN_TOKEN_HEADER, mint_txn_token
 from taskbound.errors import KeyUnavailable, TaskboundError
@@ -155,6 +156,8 @@ class CallRecord:
     action: str | None = None
     tier: str | None = None
     digest: str | None = None
+    # The arguments as recorded (redacted), for a tool in audit.arguments_tools.
+    arguments: Any = None
     decision: Decision | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -184,6 +187,7 @@ class CallRecord:
             detail=_with_chain("; ".join(n for n in (*self.notes, detail) if n) or None, c),
             txn=(c.txn or c.task_id) if c else None,
             exception_id=c.exception if c else None,
+            arguments=self.arguments,
         )
 
 
@@ -217,6 +221,12 @@ class Gateway:
         )
         self.metrics = metrics
         self.audit_writer = AuditWriter(services.storage)
+        recording = settings.audit
+        self._arguments_tools = frozenset(recording.arguments_tools)
+        self._redaction = RedactionRules(
+            keys=tuple(recording.redact_keys), paths=tuple(recording.redact_paths)
+        )
+        self._arguments_max_bytes = recording.arguments_max_bytes
         services.closers.append(self.upstream.close)
         services.closers.append(self.audit_writer.close)
         # Bounded: unknown names cost a lookup, never unbounded memory.
@@ -403,6 +413,14 @@ class Gateway:
             self.metrics.gateway_decisions.labels(outcome, code or "ok").inc()
             self.metrics.gateway_latency.observe(time.perf_counter() - record.started)
 
+    def recorded_arguments(self, tool_id: str, arguments: Callable[[], Any]) -> Any:
+        """What the call's audit record keeps of its arguments: redacted for a tool in
+        ``audit.arguments_tools``, ``None`` (nothing) for any other (whose arguments are
+        then never even decoded for the record)."""
+        if tool_id not in self._arguments_tools and "*" not in self._arguments_tools:
+            return None
+        return redact(arguments(), self._redaction, self._arguments_max_bytes)
+
     # --- entry point -------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
@@ -504,6 +522,12 @@ class Gateway:
         match = router.match(request.method, rest or "/")
         record.action, record.tier = match.action.name, match.action.tier.value
         record.digest = argument_digest(dict(match.params))
+        record.arguments = self.recorded_arguments(
+            tool.id,
+            lambda: _http_arguments(
+                match.params, request.url.query, body, request.headers.get("content-type")
+            ),
+        )
         assert record.admitted is not None
         self.checks.within_credential(match.action, record.admitted.claims)
 
@@ -756,6 +780,7 @@ class Gateway:
             # the refusal itself can always be audited.
             record.action = action.name if action else clip(name, 200)
             record.digest = argument_digest(dict(message.arguments))
+            record.arguments = self.recorded_arguments(tool.id, lambda: dict(message.arguments))
             if action is None:
                 raise Refusal(
                     "no_matching_action",
@@ -840,6 +865,21 @@ def _jsonrpc_error(message_id: Any, refusal: Refusal) -> dict[str, Any]:
         "id": message_id,
         "error": {"code": code, "message": refusal.detail, "data": data},
     }
+
+
+def _http_arguments(
+    params: Mapping[str, Any], query: str, body: bytes, content_type: str | None
+) -> dict[str, Any]:
+    """An HTTP call's arguments as its audit record keeps them (before redaction): the
+    path parameters the action mapping decoded, the query (each name with its values) and
+    the body as :func:`_body_view` shows it — ``/path/…``, ``/query/…``, ``/body/…`` for
+    ``audit.redact_paths``."""
+    out: dict[str, Any] = {"path": dict(params)}
+    if query:
+        out["query"] = parse_qs(query, keep_blank_values=True)
+    if body:
+        out["body"] = _body_view(body, content_type)
+    return out
 
 
 def _body_view(body: bytes, content_type: str | None) -> Any:

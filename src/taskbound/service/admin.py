@@ -20,8 +20,9 @@ from typing import Protocol
 from taskbound.core.clock import Clock
 from taskbound.core.model import AdminToken
 from taskbound.errors import InvalidAdminToken
-from taskbound.service.audit_records import clip, record_change
+from taskbound.service.audit_records import change_event, clip
 from taskbound.storage.base import AdminTokenStore, AuditStore
+from taskbound.storage.pending import recorded
 
 log = logging.getLogger("taskbound.admin")
 
@@ -53,15 +54,15 @@ async def create_admin_token(
         description=description,
         created_at=clock.now(),
     )
-    await store.add_admin_token(record)
-    log.info("admin token created", extra={"event": "admin_token.created", "token_id": record.id})
-    await record_change(
-        store,
+    event = change_event(
         clock,
         "admin.token.created",
         f"admin token {record.id} created: {clip(description)}",
         cause=cause,
     )
+    async with recorded(store, event):
+        await store.add_admin_token(record)
+    log.info("admin token created", extra={"event": "admin_token.created", "token_id": record.id})
     return NewAdminToken(token, record)
 
 

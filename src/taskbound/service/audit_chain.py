@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -168,18 +168,35 @@ class AuditChain:
         were archived, the first live record must link to the checkpoint that pinned the
         archive's end."""
         checkpoints = await self._storage.list_checkpoints(limit=1_000_000)
-        records = [r async for r in self.records()]
+        first = await self._storage.list_chain(after=0, limit=1)
         start = audit.GENESIS
-        if records and records[0].seq > 1:
+        if first and first[0].seq > 1:
             # What the signature vouches for, never the row's own columns: a row copied
             # from another checkpoint must not pin a cut the store's owner made. Without a
             # pin, the chain is checked from its start (a chain migrated with numbers
             # skipped may start past 1; records cut from the front are reported missing).
-            pin = self._signed_head(checkpoints, records[0].seq - 1)
+            pin = self._signed_head(checkpoints, first[0].seq - 1)
             if pin is not None:
                 start = pin
-        return audit.verify(
-            records,
+        # The walk hashes every record: it runs in a worker thread, reading the store a
+        # page at a time through this loop, so that neither the loop nor memory carries
+        # the whole chain.
+        loop = asyncio.get_running_loop()
+
+        def pages() -> Iterator[ChainRecord]:
+            after = 0
+            while True:
+                page = asyncio.run_coroutine_threadsafe(
+                    self._storage.list_chain(after=after, limit=PAGE), loop
+                ).result()
+                yield from page
+                if len(page) < PAGE:
+                    return
+                after = page[-1].seq
+
+        return await asyncio.to_thread(
+            audit.verify,
+            pages(),
             [c.jws for c in checkpoints],
             keys=self.keyring(),
             algorithms=(self._settings.keys.algorithm,),
@@ -272,12 +289,17 @@ def ocsf(record: ChainRecord) -> dict[str, Any]:
             "latency_ms": body["latency_ms"],
             "upstream_status": body["upstream_status"],
         }
+        if "arguments" in body:
+            event["unmapped"]["arguments"] = body["arguments"]
     if api:
         event["api"] = {
             "operation": body["action"],
             "service": {"name": body["tool"]},
             "response": {"code": body["upstream_status"]},
         }
+        if "arguments" in body:
+            # The call's recorded (redacted) arguments: the API request's data.
+            event["api"]["request"] = {"data": body["arguments"]}
         if body["latency_ms"] is not None:
             event["duration"] = body["latency_ms"]
     return event

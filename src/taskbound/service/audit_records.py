@@ -2,12 +2,15 @@
 credentials issued and revoked, registry, signing-key and admin-token changes, policy
 reloads (events ``task.*``, ``credential.*``, ``admin.*``, ``policy.*``).
 
-A service writes the record of a change before the method that made it returns, and the
-API answers only after that: when the record cannot be written the store's error
-(``storage_unavailable``) propagates and the request fails. The change is committed by the
-store in its own transaction first, so such a failure can leave a change without its
-record; each caller says what it does about that (a task's credentials are never handed
-out, a policy set is swapped in only once its record is durable).
+A change that grants or alters authority (a registry entry created or updated, an admin
+token created, a signing key rotated, a task started, a credential issued, a break-glass
+exception granted) commits together with its record, in one transaction
+(:func:`taskbound.storage.pending.recorded`): when the record cannot be written the change
+does not happen and the request fails (``storage_unavailable``). A change that only takes
+authority away (an end, a revocation, a suspension, an expiry) and whose record depends on
+what the store found is committed first and recorded right after, before the method
+returns: should that record fail, the request fails, and the authority is gone anyway.
+A policy set is swapped in only once its record is durable.
 
 ``detail`` says who caused the change and never carries a secret. Text that comes from
 callers (reasons, descriptions, policy problems) is clipped and stripped of control
@@ -21,9 +24,8 @@ from typing import Final
 
 from taskbound.core.clock import Clock
 from taskbound.core.model import AuditEvent
-from taskbound.storage.base import AuditStore
 
-__all__ = ["INFO", "clip", "listing", "record_change"]
+__all__ = ["INFO", "change_event", "clip", "listing"]
 
 #: The decision of a record that reports a change rather than decides a request.
 INFO: Final = "info"
@@ -49,8 +51,7 @@ def listing(items: Iterable[str], limit: int = LIST_MAX, *, each: int = 100) -> 
     return shown or "none"
 
 
-async def record_change(
-    store: AuditStore,
+def change_event(
     clock: Clock,
     event: str,
     detail: str,
@@ -62,19 +63,17 @@ async def record_change(
     owner: str | None = None,
     tool: str | None = None,
     policy_version: str | None = None,
-) -> None:
-    """Append the record of one change made by ``cause`` (``admin:<token id>``,
-    ``signal:<name>``, ``system``…); durable when this returns, raises when it is not."""
-    await store.append_audit(
-        AuditEvent(
-            time=clock.now(),
-            event=event,
-            decision=decision,
-            code=code,
-            agent=agent,
-            owner=owner,
-            tool=tool,
-            policy_version=policy_version,
-            detail=f"{detail} (by {clip(cause)})",
-        )
+) -> AuditEvent:
+    """The record of one change made by ``cause`` (``admin:<token id>``, ``signal:<name>``,
+    ``system``…)."""
+    return AuditEvent(
+        time=clock.now(),
+        event=event,
+        decision=decision,
+        code=code,
+        agent=agent,
+        owner=owner,
+        tool=tool,
+        policy_version=policy_version,
+        detail=f"{detail} (by {clip(cause)})",
     )

@@ -40,6 +40,7 @@ from taskbound.errors import (
 )
 from taskbound.service.broker import new_id
 from taskbound.storage.base import Storage
+from taskbound.storage.pending import recorded
 
 __all__ = ["BreakGlassService"]
 
@@ -122,19 +123,21 @@ class BreakGlassService:
                 )
             except BreakGlassRefused as exc:
                 raise _error(exc) from None
-            await self._storage.create_breakglass(bg)
+            granted = self._event(
+                bg,
+                "breakglass.granted",
+                "allow",
+                None,
+                f"{bg.id} granted by {granted_by} ({cause}) until {bg.expires_at.isoformat()}: "
+                f"{breakglass.label(bg.scopes)}; justification: {bg.justification}",
+                owner=agent.owner_id,
+            )
+            # The exception exists only with its record: both land, or neither.
+            async with recorded(self._storage, granted):
+                await self._storage.create_breakglass(bg)
         except TaskboundError as err:
             await self._refused(None, "grant", subject, granted_by, cause, err, agent=agent_id)
             raise
-        await self._audit(
-            bg,
-            "breakglass.granted",
-            "allow",
-            None,
-            f"{bg.id} granted by {granted_by} ({cause}) until {bg.expires_at.isoformat()}: "
-            f"{breakglass.label(bg.scopes)}; justification: {bg.justification}",
-            owner=agent.owner_id,
-        )
         log.warning(
             "break-glass granted",
             extra={
@@ -282,16 +285,28 @@ class BreakGlassService:
             agent = await self._storage.get_agent(bg.agent_id)
             owner = agent.owner_id if agent is not None else None
         await self._storage.append_audit(
-            AuditEvent(
-                time=self._clock.now(),
-                event=event,
-                decision=decision,
-                code=code,
-                agent=bg.agent_id,
-                owner=owner,
-                detail=detail,
-                exception_id=bg.id,
-            )
+            self._event(bg, event, decision, code, detail, owner=owner)
+        )
+
+    def _event(
+        self,
+        bg: BreakGlass,
+        event: str,
+        decision: str,
+        code: str | None,
+        detail: str,
+        *,
+        owner: str | None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            time=self._clock.now(),
+            event=event,
+            decision=decision,
+            code=code,
+            agent=bg.agent_id,
+            owner=owner,
+            detail=detail,
+            exception_id=bg.id,
         )
 
     async def _refused(

@@ -15,7 +15,6 @@ again, best effort, and the error propagates.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +66,7 @@ from taskbound.service.events import Change, Events
 from taskbound.service.identity import IdentityVerifier, unverified_kid
 from taskbound.service.keys import KeyManager
 from taskbound.storage.base import ReplayCache, Storage
+from taskbound.storage.pending import recorded
 
 log = logging.getLogger("taskbound.broker")
 
@@ -220,7 +220,7 @@ class Broker:
         (``task.started`` and a ``credential.issued`` per credential, in one transaction)
         are durable before it returns; a refusal is a ``task.refused`` record."""
         try:
-            started, decided_by = await self._start_task(caller, req)
+            started = await self._start_task(caller, req)
         except TaskboundError as err:
             if err.status < 500:
                 await self._refused(
@@ -233,12 +233,9 @@ class Broker:
                     + listing(f"{s.tool}:{s.tier.value}" for s in req.scopes),
                 )
             raise
-        await self._audit_start(started, decided_by)
         return started
 
-    async def _start_task(
-        self, caller: AgentCaller, req: StartTaskRequest
-    ) -> tuple[TaskStarted, tuple[str, ...]]:
+    async def _start_task(self, caller: AgentCaller, req: StartTaskRequest) -> TaskStarted:
         now = self._clock.now()
         spiffe_id = caller.identity.spiffe_id
         cap = self._settings.credentials.task_max_ttl_seconds
@@ -287,9 +284,13 @@ class Broker:
             self._mint(task, grant, now, tools[grant.tool].audience, exceptions)
             for grant in task.granted
         )
-        if not await self._storage.create_task(task, [c.record for c in issued]):
-            # The agent was suspended or its owner disabled while we decided.
-            raise AgentNotActive(internal="agent or owner changed state during task start")
+        started = TaskStarted(task, issued)
+        # The task, its credentials and their records land in one transaction: no
+        # credential is ever live, let alone handed out, without its record.
+        async with recorded(self._storage, *self._start_events(started, decision.determined_by)):
+            if not await self._storage.create_task(task, [c.record for c in issued]):
+                # The agent was suspended or its owner disabled while we decided.
+                raise AgentNotActive(internal="agent or owner changed state during task start")
         log.info(
             "task started",
             extra={
@@ -302,33 +303,19 @@ class Broker:
                 "decided_by": list(decision.determined_by),
             },
         )
-        return TaskStarted(task, issued), tuple(decision.determined_by)
+        return started
 
-    async def _audit_start(self, started: TaskStarted, decided_by: tuple[str, ...]) -> None:
+    def _start_events(self, started: TaskStarted, decided_by: tuple[str, ...]) -> list[AuditEvent]:
         task = started.task
         granted = listing(f"{g.tool}:{g.tier.value} ({', '.join(g.actions)})" for g in task.granted)
         denied = listing(f"{d.tool}:{d.tier} ({d.code})" for d in task.denied)
         detail = f"granted {granted}; denied {denied}; expires {task.expires_at.isoformat()}"
         if task.may_act is not None:
             detail += f"; may be delegated to {clip(task.may_act)}"
-        events = [
+        return [
             self._task_event(task, "task.started", detail, policies=decided_by),
             *(self._issued_event(task, c, decided_by) for c in started.credentials),
         ]
-        try:
-            await self._storage.append_audits(events)
-        except Exception:
-            # No credential is handed out without its record; the task, committed already,
-            # is ended so that nothing of it stays live unrecorded.
-            with contextlib.suppress(Exception):
-                await self._storage.end_task(
-                    task.id,
-                    TaskState.REVOKED,
-                    "its audit record could not be written",
-                    self._clock.now(),
-                    cause="audit failure",
-                )
-            raise
 
     async def _exceptions(self, agent_id: str, now: datetime) -> dict[str, BreakGlass]:
         """The break-glass exceptions of ``agent_id`` active at ``now``, by id."""
@@ -498,7 +485,7 @@ class Broker:
         task: Task | None = None
         try:
             task = await self._own_task(caller, task_id)
-            issued, decided_by = await self._refresh(task, tool, tier)
+            issued = await self._refresh(task, tool, tier)
         except TaskboundError as err:
             if err.status < 500:
                 await self._refused(
@@ -511,27 +498,13 @@ class Broker:
                     detail=f"refresh for task {clip(task_id, 100)}",
                 )
             raise
-        try:
-            await self._storage.append_audit(self._issued_event(task, issued, decided_by))
-        except Exception:
-            # Never handed out unrecorded; revoked so that nothing stays live unrecorded.
-            with contextlib.suppress(Exception):
-                await self._storage.revoke_credential(
-                    issued.record.jti,
-                    "its audit record could not be written",
-                    self._clock.now(),
-                    cause="audit failure",
-                )
-            raise
         log.info(
             "credential issued",
             extra={"event": "credential.issued", "task_id": task.id, "jti": issued.record.jti},
         )
         return issued
 
-    async def _refresh(
-        self, task: Task, tool: str, tier: Tier
-    ) -> tuple[IssuedCredential, tuple[str, ...]]:
+    async def _refresh(self, task: Task, tool: str, tier: Tier) -> IssuedCredential:
         now = self._clock.now()
         if task.state_at(now) is not TaskState.ACTIVE:
             raise TaskNotActive(f"the task is {task.state_at(now).value}")
@@ -543,9 +516,11 @@ class Broker:
             )
         grant, audience, exceptions, decided_by = await self._regrant(task, granted, now)
         issued = self._mint(task, grant, now, audience, exceptions)
-        if not await self._storage.add_credential(issued.record, now):
-            raise TaskNotActive("the task is no longer active")
-        return issued, decided_by
+        # The credential and its record land together, or neither does.
+        async with recorded(self._storage, self._issued_event(task, issued, decided_by)):
+            if not await self._storage.add_credential(issued.record, now):
+                raise TaskNotActive("the task is no longer active")
+        return issued
 
     async def _regrant(
         self, task: Task, granted: ScopeGrant, now: datetime

@@ -28,8 +28,9 @@ from taskbound.core.keys import (
 from taskbound.core.model import KeyPurpose, KeyState, Revocation, RevocationKind, SigningKey
 from taskbound.core.secretbox import SecretBox
 from taskbound.errors import KeyUnavailable, NotFound
-from taskbound.service.audit_records import clip, record_change
+from taskbound.service.audit_records import change_event, clip
 from taskbound.storage.base import AuditStore, KeyStore
+from taskbound.storage.pending import recorded
 
 #: How long a retired audit key stays published: checkpoints outlive credentials.
 AUDIT_KEY_KEPT = timedelta(days=100 * 365)
@@ -172,17 +173,17 @@ class KeyManager:
             # Checkpoints are verified for as long as the audit trail is kept: a retired
             # audit key stays published (only a withdrawal takes one away).
             retire_after = now + AUDIT_KEY_KEPT
-        await self._store.rotate_key(new, retire_after=retire_after)
-        await self.reload()
-        log.info("signing key rotated", extra={"purpose": purpose.value, "kid": new.kid})
-        await record_change(
-            self._store,
+        event = change_event(
             self._clock,
             "admin.key.rotated",
             f"{purpose.value} key rotated: {new.kid} ({new.alg}) signs from now on; the "
             f"previous one stays published until {retire_after.isoformat()}",
             cause=cause,
         )
+        async with recorded(self._store, event):
+            await self._store.rotate_key(new, retire_after=retire_after)
+        await self.reload()
+        log.info("signing key rotated", extra={"purpose": purpose.value, "kid": new.kid})
         return new
 
     async def withdraw(self, kid: str, *, cause: str, reason: str) -> int:
@@ -220,7 +221,9 @@ class KeyManager:
         )
         if replacement is not None:
             detail += f"; replaced by {replacement.kid}"
-        await record_change(self._store, self._clock, "admin.key.withdrawn", detail, cause=cause)
+        await self._store.append_audit(
+            change_event(self._clock, "admin.key.withdrawn", detail, cause=cause)
+        )
         return revoked
 
     def on_revocations(self, entries: list[Revocation]) -> None:

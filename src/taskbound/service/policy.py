@@ -49,7 +49,7 @@ from taskbound.core.policy import (
     compile_policies,
 )
 from taskbound.errors import TaskboundError
-from taskbound.service.audit_records import listing, record_change
+from taskbound.service.audit_records import change_event, listing
 from taskbound.storage.base import Storage
 
 log = logging.getLogger("taskbound.policy")
@@ -255,28 +255,36 @@ class PolicyEngine:
         self, state: PolicyState, old: str | None, files: int, cause: str
     ) -> None:
         new = state.compiled.version
-        await record_change(
-            self._storage,
-            self._clock,
-            "policy.reloaded",
-            f"policy set {new} in force: {len(state.compiled.policies)} policies from "
-            f"{files} file(s); "
-            + ("first load" if old is None else f"replaces {old}" if old != new else "unchanged"),
-            cause=cause,
-            policy_version=new,
+        await self._storage.append_audit(
+            change_event(
+                self._clock,
+                "policy.reloaded",
+                f"policy set {new} in force: {len(state.compiled.policies)} policies from "
+                f"{files} file(s); "
+                + (
+                    "first load"
+                    if old is None
+                    else f"replaces {old}"
+                    if old != new
+                    else "unchanged"
+                ),
+                cause=cause,
+                policy_version=new,
+            )
         )
 
     async def _record_refused(self, problems: tuple[str, ...], code: str, cause: str) -> None:
-        await record_change(
-            self._storage,
-            self._clock,
-            "policy.reload_refused",
-            f"policy reload refused, the last good set stays in force: {len(problems)} "
-            f"problem(s): {listing(problems, 10, each=300)}",
-            cause=cause,
-            decision="error",
-            code=code,
-            policy_version=self._state.compiled.version if self._state else None,
+        await self._storage.append_audit(
+            change_event(
+                self._clock,
+                "policy.reload_refused",
+                f"policy reload refused, the last good set stays in force: {len(problems)} "
+                f"problem(s): {listing(problems, 10, each=300)}",
+                cause=cause,
+                decision="error",
+                code=code,
+                policy_version=self._state.compiled.version if self._state else None,
+            )
         )
 
     async def watch(self, interval: float) -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -43,9 +44,10 @@ from taskbound.core.model import (
 )
 from taskbound.core.secretbox import SecretBox
 from taskbound.errors import ConfigError, Conflict, InvalidRequest, NotFound, ReferenceError_
-from taskbound.service.audit_records import clip, listing, record_change
+from taskbound.service.audit_records import change_event, clip, listing
 from taskbound.service.events import Change, Events
 from taskbound.storage.base import Storage
+from taskbound.storage.pending import recorded
 
 log = logging.getLogger("taskbound.registry")
 
@@ -370,15 +372,29 @@ class Registry:
         owner: str | None = None,
         tool: str | None = None,
     ) -> None:
-        await record_change(
+        """Record a change already made (one that took authority away, or a summary)."""
+        await self._storage.append_audit(
+            change_event(
+                self._clock, event, detail, cause=cause, agent=agent, owner=owner, tool=tool
+            )
+        )
+
+    def _recorded(
+        self,
+        event: str,
+        detail: str,
+        *,
+        cause: str,
+        agent: str | None = None,
+        owner: str | None = None,
+        tool: str | None = None,
+    ) -> AbstractAsyncContextManager[None]:
+        """The store call in this block commits with its record, or neither lands."""
+        return recorded(
             self._storage,
-            self._clock,
-            event,
-            detail,
-            cause=cause,
-            agent=agent,
-            owner=owner,
-            tool=tool,
+            change_event(
+                self._clock, event, detail, cause=cause, agent=agent, owner=owner, tool=tool
+            ),
         )
 
     async def _tools_changed(self, tool_id: str) -> None:
@@ -391,14 +407,14 @@ class Registry:
     async def create_owner(self, spec: OwnerSpec, *, cause: str = "system") -> Owner:
         now = self._clock.now()
         owner = Owner(spec.id, spec.contact, frozenset(spec.roles), now, now, bool(spec.disabled))
-        await self._storage.create_owner(owner)
-        log.info("owner created", extra={"event": "owner.created", "owner": owner.id})
-        await self._record(
+        async with self._recorded(
             "admin.owner.created",
             f"owner {owner.id} created: {_owner_facts(owner)}",
             cause=cause,
             owner=owner.id,
-        )
+        ):
+            await self._storage.create_owner(owner)
+        log.info("owner created", extra={"event": "owner.created", "owner": owner.id})
         return owner
 
     async def update_owner(self, spec: OwnerSpec, *, cause: str = "system") -> Owner:
@@ -413,15 +429,15 @@ class Registry:
             self._clock.now(),
             old.disabled if spec.disabled is None else spec.disabled,
         )
-        await self._storage.update_owner(owner, cause=cause)
-        self._events.publish(Change.OWNER_CHANGED, owner.id)
-        log.info("owner updated", extra={"event": "owner.updated", "owner": owner.id})
         detail = f"owner {owner.id} updated: {_owner_facts(owner)}"
         if owner.disabled and not old.disabled:
             detail += "; disabled: every live task on its behalf revoked"
         elif old.disabled and not owner.disabled:
             detail += "; enabled again (no revoked task comes back)"
-        await self._record("admin.owner.updated", detail, cause=cause, owner=owner.id)
+        async with self._recorded("admin.owner.updated", detail, cause=cause, owner=owner.id):
+            await self._storage.update_owner(owner, cause=cause)
+        self._events.publish(Change.OWNER_CHANGED, owner.id)
+        log.info("owner updated", extra={"event": "owner.updated", "owner": owner.id})
         return owner
 
     # --- tools -------------------------------------------------------------------------
@@ -458,14 +474,14 @@ class Registry:
         check_secret_change(spec, None)
         await self._check_audience_unique(spec)
         tool = self._tool(spec)
-        await self._storage.create_tool(tool, self._seal_secret(spec))
-        log.info("tool created", extra={"event": "tool.created", "tool": tool.id})
-        await self._record(
+        async with self._recorded(
             "admin.tool.created",
             f"tool {tool.id} created: {_tool_facts(tool, spec, created=True)}",
             cause=cause,
             tool=tool.id,
-        )
+        ):
+            await self._storage.create_tool(tool, self._seal_secret(spec))
+        log.info("tool created", extra={"event": "tool.created", "tool": tool.id})
         await self._tools_changed(tool.id)
         return tool
 
@@ -483,14 +499,14 @@ class Registry:
         check_secret_change(spec, old)
         await self._check_audience_unique(spec)
         tool = self._tool(spec, old.created_at)
-        await self._storage.update_tool(tool, self._seal_secret(spec))
-        log.info("tool updated", extra={"event": "tool.updated", "tool": tool.id})
-        await self._record(
+        async with self._recorded(
             "admin.tool.updated",
             f"tool {tool.id} updated: {_tool_facts(tool, spec, created=False)}",
             cause=cause,
             tool=tool.id,
-        )
+        ):
+            await self._storage.update_tool(tool, self._seal_secret(spec))
+        log.info("tool updated", extra={"event": "tool.updated", "tool": tool.id})
         await self._tools_changed(tool.id)
         return tool
 
@@ -543,15 +559,15 @@ class Registry:
 
     async def create_agent(self, spec: AgentSpec, *, cause: str = "system") -> Agent:
         agent = await self._agent(spec)
-        await self._storage.create_agent(agent)
-        log.info("agent created", extra={"event": "agent.created", "agent": agent.spiffe_id})
-        await self._record(
+        async with self._recorded(
             "admin.agent.created",
             f"agent created: {_agent_facts(agent)}",
             cause=cause,
             agent=agent.spiffe_id,
             owner=agent.owner_id,
-        )
+        ):
+            await self._storage.create_agent(agent)
+        log.info("agent created", extra={"event": "agent.created", "agent": agent.spiffe_id})
         return agent
 
     async def update_agent(self, spec: AgentSpec, *, cause: str = "system") -> Agent:
@@ -559,17 +575,17 @@ class Registry:
         if old is None:
             raise NotFound(f"no agent {spec.spiffe_id!r}")
         agent = await self._agent(spec, old.created_at, old.state)
-        await self._storage.update_agent(agent, cause=cause)
-        self._events.publish(Change.AGENT_CHANGED, agent.spiffe_id)
-        log.info("agent updated", extra={"event": "agent.updated", "agent": agent.spiffe_id})
         detail = f"agent updated: {_agent_facts(agent)}"
         if old.owner_id != agent.owner_id:
             detail += f"; owner was {old.owner_id}"
         if old.state is not agent.state:
             detail += f"; state was {old.state.value}{_revoked_by_state(old.state, agent.state)}"
-        await self._record(
+        async with self._recorded(
             "admin.agent.updated", detail, cause=cause, agent=agent.spiffe_id, owner=agent.owner_id
-        )
+        ):
+            await self._storage.update_agent(agent, cause=cause)
+        self._events.publish(Change.AGENT_CHANGED, agent.spiffe_id)
+        log.info("agent updated", extra={"event": "agent.updated", "agent": agent.spiffe_id})
         return agent
 
     async def set_agent_state(

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import rfc8785
+
 from taskbound.core import audit
 from taskbound.core.breakglass import BreakGlass
 from taskbound.core.model import (
@@ -435,6 +437,36 @@ def bounded_detail(detail: str | None) -> str | None:
     return detail[: AUDIT_DETAIL_MAX - len(AUDIT_TRUNCATED)] + AUDIT_TRUNCATED
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+def audit_arguments(value: Any) -> Any:
+    """A call's recorded arguments, checked and detached from the caller's objects: a JSON
+    value the chain can hash (RFC 8785: no NaN, no integer beyond 2**53 - 1, member names
+    strings) and every store can keep (no NUL, in a name or a string). ``None``: none
+    recorded."""
+    if value is None:
+        return None
+    try:
+        rfc8785.dumps(value)
+        detached = _json(value)
+        nul = _holds_nul(detached)
+    except rfc8785.CanonicalizationError as exc:
+        raise ValueError(f"arguments: {exc}") from None
+    except RecursionError:
+        raise ValueError("arguments: nested too deeply") from None
+    if nul:
+        raise ValueError("arguments: text with a NUL character cannot be stored")
+    return detached
+
+
 def audit_row(event: AuditEvent) -> Row:
     """The columns of ``event``, without ``seq`` (the store assigns it)."""
     policies = list(event.policies)
@@ -473,6 +505,7 @@ def audit_row(event: AuditEvent) -> Row:
             "detail": bounded_detail(event.detail),
             "txn": event.txn,
             "exception_id": event.exception_id,
+            "arguments": audit_arguments(event.arguments),
         }
     )
 
@@ -500,6 +533,7 @@ def audit_from(row: Mapping[Any, Any]) -> tuple[int, AuditEvent]:
         detail=row["detail"],
         txn=row["txn"],
         exception_id=row["exception_id"],
+        arguments=row["arguments"],
     )
 
 

@@ -231,6 +231,9 @@ audit_events = Table(
     Column("txn", String, nullable=True),
     # The break-glass exception the event relied on (flagged in the audit, issue 7).
     Column("exception_id", String, nullable=True),
+    # The call's arguments, already redacted, for a tool configured to record them (SQL
+    # NULL otherwise, so that the record's body has no `arguments` member).
+    Column("arguments", JSON(none_as_null=True), nullable=True),
     # The chain (docs/audit-format.md): the hash of the record before, and this one's.
     Column("prev_hash", String, nullable=False),
     Column("hash", String, nullable=False),

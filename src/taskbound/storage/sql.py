@@ -93,9 +93,12 @@ from taskbound.errors import (
 from taskbound.storage import codec
 from taskbound.storage import schema as t
 from taskbound.storage.base import GrantInputs
+from taskbound.storage.pending import Pending, claim
 from taskbound.storage.urls import DatabaseURL, parse_database_url, redact
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+# How long a PostgreSQL audit append waits for the chain's lock before it fails.
+AUDIT_LOCK_TIMEOUT_MS = 5_000
 POSTGRES_CONNECT_TIMEOUT_S = 10
 
 _BEGIN_OPTION = "taskbound_sqlite_begin"
@@ -258,16 +261,27 @@ class SqlStorage:
 
     @asynccontextmanager
     async def _transaction(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One transaction. A write transaction also appends, before it commits, the audit
+        records of the change it makes (:mod:`taskbound.storage.pending`)."""
+        waiting: Pending | None = None
         try:
             async with self._engine.connect() as conn:
                 if write and not self._postgres:
                     await conn.execution_options(**immediate_begin_option())
                 async with conn.begin():
                     yield conn
+                    waiting = claim() if write else None
+                    if waiting is not None:
+                        await self._chain_in(conn, [codec.audit_row(e) for e in waiting.events])
+            if waiting is not None:
+                waiting.committed = True
         except IntegrityError as exc:
             raise _integrity_error(exc, self._secrets) from exc
         except (SQLAlchemyError, OSError) as exc:
             raise storage_error(exc, self._secrets) from exc
+        finally:
+            if waiting is not None and not waiting.committed:
+                waiting.claimed = False
 
     def _text_order(self, column: Column[Any]) -> ColumnElement[Any]:
         return column.collate("C") if self._postgres else column
@@ -668,16 +682,20 @@ class SqlStorage:
             .where(t.agents.c.spiffe_id == task.agent_id)
             .with_for_update(read=True)
         )
-        async with self._transaction(write=True) as conn:
-            found = (await conn.execute(standing)).first()
-            if found is None:
-                raise ReferenceError_(internal="tasks: unknown agent or owner")
-            if found.state != AgentState.ACTIVE.value or found.disabled:
-                return False
-            await self._require_exceptions(conn, credentials, task.created_at)
-            await conn.execute(t.tasks.insert().values(row))
-            if cred_rows:
-                await conn.execute(t.credentials.insert(), cred_rows)
+        try:
+            async with self._transaction(write=True) as conn:
+                found = (await conn.execute(standing)).first()
+                if found is None:
+                    raise ReferenceError_(internal="tasks: unknown agent or owner")
+                if found.state != AgentState.ACTIVE.value or found.disabled:
+                    # Rolled back: nothing was written, and no waiting record may commit.
+                    raise _Abandon
+                await self._require_exceptions(conn, credentials, task.created_at)
+                await conn.execute(t.tasks.insert().values(row))
+                if cred_rows:
+                    await conn.execute(t.credentials.insert(), cred_rows)
+        except _Abandon:
+            return False
         return True
 
     async def get_task(self, task_id: str) -> Task | None:
@@ -765,11 +783,14 @@ class SqlStorage:
 
     async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
         statement = self._insert_while_task_live(credential, codec.utc(now))
-        async with self._transaction(write=True) as conn:
-            await self._require_exceptions(conn, [credential], codec.utc(now))
-            result = await conn.execute(statement)
-            changed = result.rowcount
-        return changed == 1
+        try:
+            async with self._transaction(write=True) as conn:
+                await self._require_exceptions(conn, [credential], codec.utc(now))
+                if (await conn.execute(statement)).rowcount != 1:
+                    raise _Abandon  # the task is not live: nothing written, nothing recorded
+        except _Abandon:
+            return False
+        return True
 
     async def add_derived_credential(
         self, credential: CredentialRecord, now: datetime, *, single_use: bool
@@ -1109,17 +1130,26 @@ class SqlStorage:
                 raise TaskboundError(internal="audit_events: insert returned no sequence")
             return seqs
         async with self._transaction(write=True) as conn:
-            if self._postgres:
-                # Held to the commit: the next append reads the head only after this one
-                # is visible, so every replica extends ONE chain. (SQLite's BEGIN
-                # IMMEDIATE already orders writers.)
-                await conn.execute(
-                    select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
-                )
-            head = (await conn.execute(_AUDIT_HEAD)).first()
-            chained = codec.chain_rows(rows, *_head(head))
-            await conn.execute(_AUDIT_INSERT, chained)
+            chained = await self._chain_in(conn, rows)
         return [int(r["seq"]) for r in chained]
+
+    async def _chain_in(
+        self, conn: AsyncConnection, rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Number ``rows`` after the head, link them, insert them, in ``conn``'s transaction."""
+        if self._postgres:
+            # Held to the commit: the next append reads the head only after this one is
+            # visible, so every replica extends ONE chain. (SQLite's BEGIN IMMEDIATE already
+            # orders writers.) A writer that cannot get it in time fails, and so does the
+            # request it records, rather than hanging behind a stuck transaction.
+            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {AUDIT_LOCK_TIMEOUT_MS:d}")
+            await conn.execute(
+                select(func.pg_advisory_xact_lock(literal(_POSTGRES_AUDIT_LOCK, BigInteger)))
+            )
+        head = (await conn.execute(_AUDIT_HEAD)).first()
+        chained = codec.chain_rows(rows, *_head(head))
+        await conn.execute(_AUDIT_INSERT, chained)
+        return chained
 
     def _append_audits_sync(self, rows: list[dict[str, Any]]) -> list[int]:
         """The SQLite append, in the audit thread: one BEGIN IMMEDIATE transaction (writers
