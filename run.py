@@ -46,8 +46,8 @@ def ensure_env() -> None:
 def gate(extra: list[str]) -> int:
     """Lint, types, tests: the one gate that CI runs unchanged."""
     steps = [
-        ["ruff", "check", "src", "tests", "bench", "run.py"],
-        ["ruff", "format", "--check", "src", "tests", "bench", "run.py"],
+        ["ruff", "check", "src", "tests", "bench", "examples", "run.py"],
+        ["ruff", "format", "--check", "src", "tests", "bench", "examples", "run.py"],
         ["mypy"],
         # One worker per core (pytest-xdist); `-n 0` in extra runs in this process.
         ["pytest", "-n", "auto", *extra],

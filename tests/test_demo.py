@@ -35,15 +35,26 @@ def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
     assert result.returncode == 0, out + result.stderr
     for needle in (
         "granted issues:read",
-        "granted issues:write",
+        "granted issues:write actions comment, merge",
+        "granted tracker:read",
         "denied deploy:admin: beyond_ceiling",
         "-> 200, 2 issues",
         "never the agent's credential",
-        "refused a call outside the task's constraint",
+        "refused a write outside the intent (repo payroll): 403 policy_denied",
         "refused the write credential used for a read",
+        "tools/call search -> 2 issues in WEB",
+        "refused a call outside the intent (project PAY): 403 policy_denied",
+        "PUT merge -> held: approval_required",
+        "bob approved (approved)",
+        "re-sent the very same call -> 200 merged",
+        "the same call once more is held again",
         "refused a replayed DPoP proof: 401",
-        "now introspect as active=false",
+        "the sub-agent lists the issues -> 200",
+        "not the parent's",
+        "(the delegated one too) introspect as active=false",
         "refused a tool call with a credential of the ended task: 401",
+        "refused a call of the suspended agent's live task: 401",
+        "audit records verify",
         "demo complete",
     ):
         assert needle in out, needle
@@ -52,7 +63,10 @@ def test_serve_demo_runs_the_scenario_and_exits(tmp_path: Path) -> None:
     kek = tmp_path / "config" / "taskbound" / "kek"
     assert kek.exists()
     assert oct(kek.stat().st_mode & 0o777) == "0o600"
-    assert "demo-upstream-secret" not in result.stderr  # nothing secret in the logs
+    # Nothing secret in the logs, and no library noise either.
+    assert "demo-upstream-secret" not in result.stderr
+    assert "demo-tracker-key" not in result.stderr
+    assert "Warning" not in result.stderr
 
 
 def test_the_demo_runs_again_on_the_same_data_on_another_port(tmp_path: Path) -> None:

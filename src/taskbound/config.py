@@ -36,6 +36,8 @@ _ENV_NOT_CONFIG = frozenset(
         "TASKBOUND_CONFIG",
         "TASKBOUND_URL",
         "TASKBOUND_ADMIN_TOKEN",
+        # The agent SDK's identity (taskbound.sdk.identity_from_env), not the server's.
+        "TASKBOUND_IDENTITY_TOKEN_FILE",
         "TASKBOUND_TEST_POSTGRES_URL",
         "TASKBOUND_TEST_REDIS_URL",
         "TASKBOUND_REQUIRE_SERVICES",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,3 +57,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # joserfc warns on every EdDSA signature because RFC 9864 renames the algorithm;
+    # taskbound keeps the name for interoperability (DESIGN.md §4), so the warning is noise
+    # in a server's log.
+    warnings.filterwarnings("ignore", message="EdDSA is deprecated via RFC 9864")

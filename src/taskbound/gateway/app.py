@@ -58,6 +58,7 @@ from taskbound.core.txn import TXN_TOKEN_HEADER, mint_txn_token
 from taskbound.errors import KeyUnavailable, TaskboundError
 from taskbound.gateway.checks import Admitted, Checks, Expiring, Refusal
 from taskbound.gateway.proxy import (
+    REFUSAL_HEADER,
     Upstream,
     downstream_headers,
     relay,
@@ -751,7 +752,10 @@ class Gateway:
         if not allowed:
             if not refused:
                 return Response(status_code=202)
-            return JSONResponse(refused if is_batch else refused[0])
+            # Marked as the gateway's own: a client may trust these JSON-RPC errors' codes.
+            codes = ",".join(r["error"]["data"]["code"] for r in refused)
+            answer = refused if is_batch else refused[0]
+            return JSONResponse(answer, headers={REFUSAL_HEADER: codes})
         if is_batch:
             original = json.loads(body)
             keep = {id(m) for m, _ in allowed}
@@ -949,7 +953,7 @@ def _problem(
         },
         status_code=status,
         media_type="application/problem+json",
-        headers={"Cache-Control": "no-store", **(headers or {})},
+        headers={"Cache-Control": "no-store", REFUSAL_HEADER: code, **(headers or {})},
     )
 
 

@@ -46,8 +46,12 @@ STRIPPED_UPSTREAM = HOP_BY_HOP | {
     "x-forwarded-prefix",
     "x-forwarded-port",
 }
-# Dropped from the upstream's answer: this hop's own (the server sets its Date).
-STRIPPED_DOWNSTREAM = HOP_BY_HOP | {"date", "server", "location"}
+# The gateway's mark on its own refusals (its value: the refusal's code), so that a client
+# can tell them from a tool's own errors; never passed on from an upstream.
+REFUSAL_HEADER = "Taskbound-Refusal"
+# Dropped from the upstream's answer: this hop's own (the server sets its Date), and any
+# imitation of the gateway's refusal mark.
+STRIPPED_DOWNSTREAM = HOP_BY_HOP | {"date", "server", "location", REFUSAL_HEADER.lower()}
 
 
 def _connection_tokens(headers: list[tuple[str, str]]) -> set[str]:
