@@ -946,6 +946,12 @@ async def test_nul_in_cause_or_reason_writes_nothing(registered: Storage, clock:
 Listener = psycopg.AsyncConnection[tuple[object, ...]]
 
 
+# NOTIFY and the delaying trigger are PostgreSQL's: these run on that backend alone.
+POSTGRES_ONLY = pytest.mark.parametrize(
+    "backend", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
 class Tagged:
     """A storage on ``backend``'s schema whose connections carry a unique
     ``application_name``. The test server is shared (other test sessions, other schemas)
@@ -953,8 +959,7 @@ class Tagged:
     told apart by the backend process that sent them."""
 
     def __init__(self, backend: Backend) -> None:
-        if backend.name != "postgres":
-            pytest.skip("NOTIFY and the delaying trigger are PostgreSQL's")
+        assert backend.name == "postgres", "NOTIFY and the delaying trigger are PostgreSQL's"
         assert backend.url is not None
         self.name = f"tb-test-{secrets.token_hex(6)}"
         self.conninfo = postgres_conninfo(backend.url)
@@ -1002,6 +1007,7 @@ class Tagged:
         return payloads
 
 
+@POSTGRES_ONLY
 async def test_postgres_notifies_the_highest_new_seq(backend: Backend, clock: FakeClock) -> None:
     tagged = Tagged(backend)
     storage = tagged.storage
@@ -1046,6 +1052,7 @@ async def test_postgres_notifies_the_highest_new_seq(backend: Backend, clock: Fa
         await storage.close()
 
 
+@POSTGRES_ONLY
 async def test_postgres_numbers_follow_commit_order(backend: Backend, clock: FakeClock) -> None:
     """An entry numbered below another is visible once that other one is: a transaction
     that has taken a number and not yet committed holds back every later writer.
