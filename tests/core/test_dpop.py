@@ -303,3 +303,33 @@ def test_normalize_htu(case: dict[str, str]) -> None:
 def test_normalize_htu_rejects(case: dict[str, str]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the reasons differ per case
         normalize_htu(case["url"])
+
+
+# --- taskbound's consent binding (tb_narrowing) -------------------------------------------
+
+
+def test_a_bound_narrowing_round_trips() -> None:
+    raw = make_dpop_proof(KEY, method="POST", url=URL, now=NOW, jti="j-n", narrowing="abc_-1")
+    assert verify(raw).narrowing == "abc_-1"
+    assert verify(proof()).narrowing is None
+
+
+@pytest.mark.parametrize("value", [7, ["x"], {"a": 1}, "x" * 129])
+def test_a_malformed_narrowing_refuses_the_proof(value: Any) -> None:
+    with pytest.raises(InvalidDPoPProof):
+        verify(proof(tb_narrowing=value))
+
+
+def test_the_narrowing_digest_is_exactly_what_was_sent() -> None:
+    from taskbound.core.exchange import Narrowing, narrowing_digest
+
+    sent = Narrowing(audiences=("issues",), scope="list", authorization_details='[{"a":1}]')
+    same = Narrowing(audiences=("issues",), scope="list", authorization_details='[{"a":1}]')
+    assert narrowing_digest(sent) == narrowing_digest(same)
+    for other in (
+        Narrowing(audiences=("issues",), scope="list get", authorization_details='[{"a":1}]'),
+        Narrowing(audiences=("issues",), scope="list", authorization_details='[{"a": 1}]'),
+        Narrowing(audiences=("issues",), scope="list", authorization_details=None),
+        Narrowing(audiences=("tracker",), scope="list", authorization_details='[{"a":1}]'),
+    ):
+        assert narrowing_digest(other) != narrowing_digest(sent)

@@ -53,6 +53,9 @@ _UNRESERVED: Final = frozenset(string.ascii_letters + string.digits + "-._~")
 _PERCENT: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+#: taskbound's claim by which a subject token's consent proof binds the exact narrowing of
+#: a token exchange (docs/delegation.md).
+NARROWING_CLAIM: Final = "tb_narrowing"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class DPoPProof:
     public_jwk: Mapping[str, Any]
     nonce: str | None
     ath: str | None
+    # taskbound's own claim: the digest of the exact token-exchange narrowing this proof
+    # consents to (``taskbound.core.exchange.narrowing_digest``), when the holder bound it.
+    narrowing: str | None = None
 
 
 def access_token_hash(token: str) -> str:
@@ -251,6 +257,9 @@ def _verify(
     ath = claims.get("ath")
     if ath is not None and not isinstance(ath, str):
         raise jws.Rejected("ath is not a string")
+    narrowing = claims.get(NARROWING_CLAIM)
+    if narrowing is not None and (not isinstance(narrowing, str) or len(narrowing) > 128):
+        raise jws.Rejected(f"{NARROWING_CLAIM} is not an acceptable string")
 
     if len(htm) > _MAX_METHOD_LENGTH or htm != method:
         raise jws.Rejected("htm mismatch")
@@ -290,6 +299,7 @@ def _verify(
         public_jwk=members,
         nonce=nonce,
         ath=ath,
+        narrowing=narrowing,
     )
 
 
@@ -302,6 +312,7 @@ def make_dpop_proof(
     jti: str,
     access_token: str | None = None,
     nonce: str | None = None,
+    narrowing: str | None = None,
 ) -> str:
     """A DPoP proof (RFC 9449 §4.2) for ``method`` ``url`` signed by ``key``: header ``typ``
     dpop+jwt, ``alg``, public ``jwk``; claims ``jti``, ``htm``, ``htu`` (without query and
@@ -321,4 +332,6 @@ def make_dpop_proof(
         claims["ath"] = access_token_hash(access_token)
     if nonce is not None:
         claims["nonce"] = nonce
+    if narrowing is not None:
+        claims[NARROWING_CLAIM] = narrowing
     return jws.sign_compact(header, claims, key)

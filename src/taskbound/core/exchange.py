@@ -24,10 +24,14 @@ Narrowing rules:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+import rfc8785
 
 from taskbound.core.tokens import AUTHORIZATION_DETAILS_TYPE, CredentialClaims
 
@@ -58,6 +62,21 @@ class Narrowing:
     audiences: Sequence[str] = ()
     scope: str | None = None
     authorization_details: str | None = None  # the raw JSON parameter
+
+
+def narrowing_digest(narrowing: Narrowing) -> str:
+    """What a parent's consent proof binds (its ``tb_narrowing`` claim): the base64url
+    SHA-256 of the RFC 8785 JSON of the request's narrowing parameters exactly as sent —
+    ``audience`` and ``resource`` (sorted), ``scope`` and ``authorization_details`` (the
+    raw strings, or null)."""
+    body = {
+        "audience": sorted(narrowing.audiences),
+        "resource": sorted(narrowing.resources),
+        "scope": narrowing.scope,
+        "authorization_details": narrowing.authorization_details,
+    }
+    digest = hashlib.sha256(rfc8785.dumps(body)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,14 @@ STRIPPED_UPSTREAM = HOP_BY_HOP | {
 REFUSAL_HEADER = "Taskbound-Refusal"
 # Dropped from the upstream's answer: this hop's own (the server sets its Date), and any
 # imitation of the gateway's refusal mark.
-STRIPPED_DOWNSTREAM = HOP_BY_HOP | {"date", "server", "location", REFUSAL_HEADER.lower()}
+STRIPPED_DOWNSTREAM = HOP_BY_HOP | {
+    "date",
+    "server",
+    "location",
+    REFUSAL_HEADER.lower(),
+    # DPoP nonces are the gateway's own to give (RFC 9449 §8), never a tool's.
+    "dpop-nonce",
+}
 
 
 def _connection_tokens(headers: list[tuple[str, str]]) -> set[str]:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from taskbound.core.dpop import make_dpop_proof
+from taskbound.core.dpop import make_dpop_proof, normalize_htu
 from taskbound.core.keys import PrivateKey, generate_key, jwk_thumbprint, public_jwk
 from taskbound.sdk.errors import TaskboundClientError
 
@@ -59,7 +59,14 @@ class DPoPKey:
         self._lock = threading.Lock()
         self.jkt = jwk_thumbprint(public_jwk(self._key))
 
-    def proof(self, method: str, url: str, access_token: str | None = None) -> str:
+    def proof(
+        self,
+        method: str,
+        url: str,
+        access_token: str | None = None,
+        *,
+        narrowing: str | None = None,
+    ) -> str:
         with self._lock:
             nonce = self._nonces.get(_origin(url))
         return make_dpop_proof(
@@ -70,6 +77,7 @@ class DPoPKey:
             jti=secrets.token_urlsafe(18),
             access_token=access_token,
             nonce=nonce,
+            narrowing=narrowing,
         )
 
     def learn_nonce(self, url: str, headers: Any) -> bool:
@@ -98,26 +106,39 @@ def _nonce(headers: Any) -> str | None:
     return nonce if isinstance(nonce, str) and nonce and len(nonce) <= 512 else None
 
 
+#: The gateway's mark on its own refusals (taskbound.gateway.proxy.REFUSAL_HEADER), which
+#: it strips from every tool's answer.
+REFUSAL_HEADER = "Taskbound-Refusal"
+
+
 def asks_for_nonce(response: _Response) -> bool:
     return response.status_code in (400, 401) and "use_dpop_nonce" in response.headers.get(
         "WWW-Authenticate", ""
     )
 
 
+def _from_gateway(response: _Response) -> bool:
+    """A tool's answers pass through the gateway: only the gateway's own (marked) answers
+    may ask for a nonce, or set one — a tool must not make the SDK send a call twice."""
+    return REFUSAL_HEADER in response.headers
+
+
 def resent_with_nonce(key: DPoPKey, response: httpx.Response) -> bool:
     """Whether :func:`sign_flow` will send this response's request again with the nonce
-    the server just gave: a refusal to keep from the agent's code, which never sees it.
+    the gateway just gave: a refusal to keep from the agent's code, which never sees it.
     (httpx calls response hooks before the auth flow sees the response.)"""
-    return asks_for_nonce(response) and key.is_new_nonce(
-        str(response.request.url), response.headers
+    return (
+        _from_gateway(response)
+        and asks_for_nonce(response)
+        and key.is_new_nonce(str(response.request.url), response.headers)
     )
 
 
 def sign_flow(
     request: _Request, key: DPoPKey, token: str | None, scheme: str = "DPoP"
 ) -> Generator[Any, Any, None]:
-    """The ``Auth`` flow: credential and proof on the request; once more with the nonce
-    when the server asks for one."""
+    """The ``Auth`` flow of a tool's client (through the gateway): credential and proof on
+    the request; once more with the nonce when the gateway itself asks for one."""
     url = str(request.url)
     if token is not None:
         request.headers["Authorization"] = f"{scheme} {token}"
@@ -125,6 +146,8 @@ def sign_flow(
         request.method, url, access_token=token if scheme == "DPoP" else None
     )
     response = yield request
+    if not _from_gateway(response):
+        return
     if key.learn_nonce(url, response.headers) and asks_for_nonce(response):
         request.headers["DPoP"] = key.proof(
             request.method, url, access_token=token if scheme == "DPoP" else None
@@ -142,7 +165,15 @@ def check_destination(url: str, within: str | None) -> None:
     target = httpx.URL(url)
     path = base.path.rstrip("/")
     same_origin = (target.scheme, target.host, target.port) == (base.scheme, base.host, base.port)
-    if same_origin and (target.path == path or target.path.startswith(path + "/")):
+    try:
+        # As a server resolves it (RFC 3986 §6.2.2: %2e%2e is ".."), and as the proof's
+        # htu names it: a path that climbs out of the tool is outside it.
+        resolved = normalize_htu(url)
+        own = normalize_htu(within).rstrip("/")
+    except ValueError:
+        resolved, own = "", "\0"
+    inside = target.path == path or target.path.startswith(path + "/")
+    if same_origin and inside and (resolved == own or resolved.startswith(own + "/")):
         return
     raise TaskboundClientError(
         "wrong_destination", f"this client's credential is for {within} only, not {url}"

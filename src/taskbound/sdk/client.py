@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import anyio
 import httpx
 
-from taskbound.sdk._dpop import DPoPKey, TokenAuth, httpx2_auth, resent_with_nonce
+from taskbound.core.exchange import Narrowing, narrowing_digest
+from taskbound.sdk._dpop import REFUSAL_HEADER, DPoPKey, TokenAuth, httpx2_auth, resent_with_nonce
 from taskbound.sdk.errors import (
     PROBLEM_TYPE,
     ApprovalDenied,
@@ -196,7 +198,12 @@ class _Holder:
         the signing auth, ``hook`` after the caller's own response hooks."""
         options = dict(kwargs)
         hooks = options.pop("event_hooks", {})
+        if options.pop("follow_redirects", False):
+            # httpx follows a redirect without signing again: the credential (and a proof)
+            # would go wherever the answer points, outside the tool.
+            raise TypeError("a tool's client never follows redirects (follow_redirects)")
         return {
+            "follow_redirects": False,
             "base_url": self._tool_url(tool),
             "auth": TokenAuth(
                 self._key,
@@ -266,15 +273,27 @@ class _Holder:
         picked = self._pick(tool, tier)
         token = await self.credential(*picked)
         endpoint = await self._client.token_endpoint()
+        chosen = tuple(actions) if actions is not None else None
+        narrowed = dict(constraints) if constraints is not None else None
+        # The consent names this narrowing exactly: the delegate cannot edit the hand-over
+        # into a wider request (the broker refuses any other as invalid_grant).
+        form = _narrowing_form(picked[0], picked[1], chosen, narrowed)
+        digest = narrowing_digest(
+            Narrowing(
+                audiences=(form["audience"],),
+                scope=form.get("scope"),
+                authorization_details=form["authorization_details"],
+            )
+        )
         return Delegation(
             token_endpoint=endpoint,
             gateway_url=self._client.gateway_url,
             tool=picked[0],
             tier=picked[1],
             subject_token=token,
-            subject_dpop=self._key.proof("POST", endpoint, access_token=token),
-            actions=tuple(actions) if actions is not None else None,
-            constraints=dict(constraints) if constraints is not None else None,
+            subject_dpop=self._key.proof("POST", endpoint, access_token=token, narrowing=digest),
+            actions=chosen,
+            constraints=narrowed,
         )
 
 
@@ -484,7 +503,8 @@ class Client:
         """Wait (at most ``timeout``) for task end calls still on their way, then close
         the HTTP client this client made."""
         if self._ending:
-            await asyncio.wait(set(self._ending), timeout=self.timeout)
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(set(self._ending), timeout=self.timeout)
         if self._own_http:
             await self._http.aclose()
 
@@ -588,22 +608,37 @@ class Client:
             "subject_dpop": delegation.subject_dpop,
             "actor_token": await self.identity.token(),
             "actor_token_type": _JWT,
-            "audience": delegation.tool,
+            **_narrowing_form(
+                delegation.tool, delegation.tier, delegation.actions, delegation.constraints
+            ),
         }
-        details: dict[str, Any] = {"type": "taskbound_tool", "tool": delegation.tool}
-        details["tier"] = delegation.tier
-        if delegation.actions is not None:
-            # In authorization_details, where an empty list means "none" (refused) rather
-            # than an empty scope's "as the parent".
-            details["actions"] = list(delegation.actions)
-            if delegation.actions:
-                form["scope"] = " ".join(delegation.actions)
-        if delegation.constraints is not None:
-            details["constraints"] = delegation.constraints
-        form["authorization_details"] = json.dumps([details])
         r = await self._http.post(url, data=form, headers={"DPoP": key.proof("POST", url)})
         body = await _answer(r, 200)
         return Delegated(self, key, body)
+
+
+def _narrowing_form(
+    tool: str,
+    tier: str,
+    actions: Sequence[str] | None,
+    constraints: Mapping[str, Any] | None,
+) -> dict[str, str]:
+    """The narrowing parameters of a token exchange, always spelled the same way: the
+    parent's consent binds their digest, and the delegate sends exactly these."""
+    form = {"audience": tool}
+    details: dict[str, Any] = {"type": "taskbound_tool", "tool": tool, "tier": tier}
+    if actions is not None:
+        # In authorization_details, where an empty list means "none" (refused) rather than
+        # an empty scope's "as the parent".
+        details["actions"] = list(actions)
+        if actions:
+            form["scope"] = " ".join(actions)
+    if constraints is not None:
+        details["constraints"] = dict(constraints)
+    form["authorization_details"] = json.dumps(
+        [details], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return form
 
 
 async def _end_quietly(task: Task, verb: str, reason: str) -> None:
@@ -616,7 +651,11 @@ async def _end_quietly(task: Task, verb: str, reason: str) -> None:
     pending = task._client._ending
     pending.add(ending)  # a strong reference while it runs
     ending.add_done_callback(pending.discard)
-    await asyncio.shield(ending)
+    # An anyio cancel scope (trio-style, level-triggered) cancels again and again: its
+    # shield keeps this wait; asyncio.shield keeps the end call through a plain cancel,
+    # which is passed on. The wait is bounded; the end call goes on regardless.
+    with anyio.CancelScope(shield=True), anyio.move_on_after(task._client.timeout):
+        await asyncio.shield(ending)
 
 
 async def _end_logged(task: Task, verb: str, reason: str) -> None:
@@ -629,11 +668,6 @@ async def _end_logged(task: Task, verb: str, reason: str) -> None:
             "the task could not be ended; its credentials still expire on their own",
             extra={"task_id": task.id, "error": f"{type(exc).__name__}: {exc}"},
         )
-
-
-#: The gateway's mark on its own refusals (taskbound.gateway.proxy.REFUSAL_HEADER), which
-#: it strips from every tool's answer: only a marked answer is taken for a refusal.
-REFUSAL_HEADER = "Taskbound-Refusal"
 
 
 def might_be_refusal(response: httpx.Response) -> bool:
@@ -676,11 +710,16 @@ def _resender(
         k: v for k, v in request.headers.items() if k.lower() not in ("authorization", "dpop")
     }
 
+    def again() -> httpx.Request:
+        # A request built as it was sent: no client defaults (params, headers, cookies)
+        # merged into it again, so exactly the held call goes out.
+        return httpx.Request(method, url, content=content, headers=headers)
+
     async def resend() -> httpx.Response:
         if not client.is_closed:
-            return await client.request(method, url, content=content, headers=headers)
+            return await client.send(again())
         async with reopen() as fresh:
-            response = await fresh.request(method, url, content=content, headers=headers)
+            response = await fresh.send(again())
             await response.aread()
             return response
 
@@ -694,15 +733,23 @@ class _HttpRefusals:
 
     def __init__(self) -> None:
         self._last: tuple[int, Mapping[str, Any]] | None = None
-        # Codes of JSON-RPC errors the gateway itself answered (marked), not yet claimed.
-        self._marked: list[str] = []
+        # (serial, code) of JSON-RPC errors the gateway itself answered (marked), not yet
+        # claimed; serials order them against the requests that wait for them.
+        self._marked: list[tuple[int, str]] = []
+        self._serial = 0
 
-    def claim(self, code: str) -> bool:
-        """Whether a JSON-RPC error with this taskbound ``code`` came from the gateway (a
-        tool's own error imitating one does not)."""
-        if code in self._marked:
-            self._marked.remove(code)
-            return True
+    def position(self) -> int:
+        """Where the marks stand now: a request claims only marks made after it started."""
+        return self._serial
+
+    def claim(self, code: str, after: int) -> bool:
+        """Whether a JSON-RPC error with this taskbound ``code``, answering a request that
+        started at ``after``, came from the gateway (a tool's own error imitating one, or
+        a mark left by another request before it, does not)."""
+        for mark in self._marked:
+            if mark[0] > after and mark[1] == code:
+                self._marked.remove(mark)
+                return True
         return False
 
     def last(self) -> TaskboundClientError | None:
@@ -713,8 +760,11 @@ class _HttpRefusals:
         marked = response.headers.get(REFUSAL_HEADER)
         if response.status_code < 400:
             self._last = None
-            if marked:
-                self._marked.extend(c.strip() for c in str(marked).split(",") if c.strip())
+            for code in (c.strip() for c in str(marked).split(",")):
+                if code:
+                    self._serial += 1
+                    self._marked.append((self._serial, code))
+            del self._marked[:-64]  # bounded: marks nobody claims are dropped
             return
         if not marked:
             return
@@ -748,6 +798,7 @@ def _session_class(refusals: _HttpRefusals) -> type[ClientSession]:
 
     class TaskboundSession(ClientSession):
         async def send_request(self, *a: Any, **kw: Any) -> Any:
+            started = refusals.position()
             try:
                 return await super().send_request(*a, **kw)
             except MCPError as exc:
@@ -755,7 +806,7 @@ def _session_class(refusals: _HttpRefusals) -> type[ClientSession]:
                 if (
                     isinstance(data, Mapping)
                     and isinstance(data.get("code"), str)
-                    and refusals.claim(data["code"])
+                    and refusals.claim(data["code"], started)
                 ):
                     raise error_from(403, {"detail": exc.error.message, **data}) from exc
                 refused = refusals.last()

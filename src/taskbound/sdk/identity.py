@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -98,17 +99,25 @@ class TokenFile:
         self.path = Path(path)
 
     async def token(self) -> str:
-        try:
-            with self.path.open("rb") as f:
-                raw = f.read(MAX_TOKEN_BYTES + 1)
-        except OSError as exc:
-            raise IdentityUnavailable(f"cannot read the token file {self.path}: {exc}") from None
+        # In a thread: a file on a stalled mount must not stop the agent's event loop.
+        raw = await asyncio.to_thread(self._read)
         if len(raw) > MAX_TOKEN_BYTES:
             raise IdentityUnavailable(f"the token file {self.path} is too large for a token")
         token = raw.decode("utf-8", "replace").strip()
         if not token:
             raise IdentityUnavailable(f"the token file {self.path} is empty")
         return token
+
+    def _read(self) -> bytes:
+        try:
+            # Opened without blocking, then checked: a FIFO or a device is not a token file.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise IdentityUnavailable(f"the token file {self.path} is not a regular file")
+                return f.read(MAX_TOKEN_BYTES + 1)
+        except OSError as exc:
+            raise IdentityUnavailable(f"cannot read the token file {self.path}: {exc}") from None
 
 
 class SpiffeWorkloadApi(_Cached):

@@ -197,11 +197,14 @@ def _resender(
         k: v for k, v in request.headers.items() if k.lower() not in ("authorization", "dpop")
     }
 
+    def again() -> httpx.Request:
+        return httpx.Request(method, url, content=content, headers=headers)
+
     def resend() -> httpx.Response:
         if not client.is_closed:
-            return client.request(method, url, content=content, headers=headers)
+            return client.send(again())
         with reopen() as fresh:
-            response = fresh.request(method, url, content=content, headers=headers)
+            response = fresh.send(again())
             response.read()
             return response
 

@@ -32,6 +32,7 @@ from taskbound.core.exchange import (
     ExchangeRefused,
     Narrowing,
     narrow,
+    narrowing_digest,
 )
 from taskbound.core.grant import GrantDecider, GrantRequest, ScopeRequest
 from taskbound.core.identity import WorkloadIdentity
@@ -676,6 +677,15 @@ class Broker:
                 "the subject_token is DPoP-bound: subject_dpop must prove its key",
                 exc.internal,
             ) from None
+        # A holder that bound its consent to one narrowing consented to that one only: a
+        # delegate cannot edit what it was handed (wider actions, fewer constraints).
+        if consent.narrowing is not None and not secrets.compare_digest(
+            consent.narrowing, narrowing_digest(req.narrowing)
+        ):
+            raise ExchangeRefused(
+                "invalid_grant",
+                "the request is not the narrowing the subject token's holder consented to",
+            )
         # 2. the delegate: its identity and the key its credential will be bound to
         try:
             actor = await self._identity.verify(req.actor_token)
