@@ -509,6 +509,37 @@ class AuditConfig(_Section):
         return self
 
 
+class ReportsConfig(_Section):
+    """Thresholds of the posture findings (docs/reports.md)."""
+
+    # A ceiling spanning this many tools or more is a blanket-token pattern.
+    many_tools: int = Field(5, ge=2, le=1000)
+    # An agent that left at least this share of its granted actions unused is over-granted.
+    unused_share: float = Field(0.5, gt=0, le=1)
+    # A task that left at least this share of its granted actions unused asked for more
+    # than it used (ended tasks only, granted at least task_min_actions actions).
+    task_unused_share: float = Field(0.5, gt=0, le=1)
+    task_min_actions: int = Field(2, ge=1, le=10_000)
+    # Credential and task TTL caps above these are findings (and partly met controls).
+    max_credential_ttl_seconds: int = Field(900, ge=10, le=24 * 3600)
+    max_task_ttl_seconds: int = Field(8 * 3600, ge=10, le=7 * 24 * 3600)
+    # A break-glass exception granted for longer than this is standing authority.
+    standing_breakglass_seconds: int = Field(4 * 3600, ge=60, le=7 * 24 * 3600)
+    # A tool whose one static upstream secret this many agents' ceilings reach.
+    shared_secret_agents: int = Field(3, ge=2, le=10_000)
+    # Revocation staleness bounds above this are only partly met.
+    max_revocation_staleness_seconds: float = Field(30.0, gt=0, le=300)
+    # The latest checkpoint must be at most this many checkpoint intervals old.
+    checkpoint_max_intervals: int = Field(3, ge=1, le=1000)
+    # The alignment report verifies the audit chain itself only up to this many records;
+    # above, it reports the chain as not verified unless a verification is passed in.
+    verify_max_records: int = Field(200_000, ge=0)
+    # The alignment report measures unused authority over this many days before now.
+    window_days: int = Field(30, ge=1, le=3660)
+    # The most tasks one report reads (tasks created in its window).
+    max_tasks: int = Field(100_000, ge=1, le=10_000_000)
+
+
 class PolicyConfig(_Section):
     # A directory of *.cedar files; the default pack shipped with taskbound when absent.
     dir: Path | None = None
@@ -540,6 +571,7 @@ class Settings(_Section):
     breakglass: BreakGlassConfig = BreakGlassConfig()
     ui: UiConfig = UiConfig()
     audit: AuditConfig = AuditConfig()
+    reports: ReportsConfig = ReportsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from taskbound.api.http import (
@@ -94,6 +94,8 @@ from taskbound.service.registry import (
     owner_view,
     tool_view,
 )
+from taskbound.service.report_html import html_headers, render_report
+from taskbound.service.report_request import parse_report_request, run_report
 from taskbound.service.runtime import Services, open_services
 from taskbound.service.signals import PUSH_DELIVERY_METHOD, rejection_body
 from taskbound.ui.app import ui_mount
@@ -1244,6 +1246,28 @@ def create_app(
         """The public keys that verify audit checkpoints (keep a copy with archives)."""
         return json_response(svc().audit.jwks())
 
+    # --- reports (docs/reports.md) ----------------------------------------------------
+
+    @route("/v1/admin/reports/{kind}", methods=["GET"])
+    async def report(request: Request) -> Response:
+        """posture | usage | blast-radius | alignment: the report's JSON (the contract of
+        taskbound.service.reports), or with ``?format=html`` the self-contained HTML report.
+        Window ``since`` / ``until`` (RFC 3339, a date, or a duration ago; the last 30 days
+        by default); ``agent`` / ``owner`` (usage); one of ``agent`` / ``task`` /
+        ``credential`` (blast-radius)."""
+        await admin(request)
+        q = request.query_params
+        fmt = q.get("format", "json")
+        if fmt not in ("json", "html"):
+            raise InvalidRequest("format must be json or html")
+        if len(q.multi_items()) != len(q):
+            raise InvalidRequest("each parameter may be given once")
+        asked = parse_report_request(request.path_params["kind"], q, svc().clock.now())
+        found = await run_report(svc().reports, asked)
+        if fmt == "html":
+            return HTMLResponse(render_report(found), headers=html_headers(asked.kind))
+        return json_response(found, no_store=True)
+
     # --- break-glass exceptions (docs/breakglass.md) -----------------------------------
 
     @route("/v1/admin/breakglass", methods=["GET", "POST"])
@@ -1387,7 +1411,7 @@ def create_app(
         mint_identity, healthz, readyz, metrics_endpoint,
         get_approval, list_approvals, decide_approval, acknowledge_approval,
         breakglass, breakglass_one, breakglass_verb,
-        audit_list, audit_export, audit_verify, audit_checkpoints, audit_jwks,
+        audit_list, audit_export, audit_verify, audit_checkpoints, audit_jwks, report,
     ]  # fmt: skip
     routes += [ssf_configuration, ssf_jwks, receive_signal]
     if settings.ui.enabled:

@@ -24,6 +24,7 @@ from taskbound.cli.operate import (
 )
 from taskbound.cli.policy import policy_app
 from taskbound.cli.registry import agents_app, apply, owners_app, tools_app
+from taskbound.cli.report import report_app
 from taskbound.cli.token import token_app
 from taskbound.config import Settings, load_settings
 
@@ -53,6 +54,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(approvals_app, name="approvals")
 app.add_typer(breakglass_app, name="breakglass")
 app.add_typer(audit_app, name="audit")
+app.add_typer(report_app, name="report")
 app.command("apply")(apply)
 
 

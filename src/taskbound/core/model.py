@@ -274,6 +274,9 @@ class TaskFilter:
     owner_id: str | None = None
     state: TaskState | None = None
     limit: int = 100
+    # Tasks created in [created_since, created_until) (either bound optional).
+    created_since: datetime | None = None
+    created_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

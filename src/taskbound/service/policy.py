@@ -165,6 +165,17 @@ class PolicyEngine:
             raise TaskboundError(internal="policies not loaded")
         return self._state
 
+    @property
+    def sources(self) -> tuple[PolicySource, ...]:
+        """The policy files of the set in force (not the directory's current files, which
+        may hold a change that was refused)."""
+        return tuple(self._sources)
+
+    @property
+    def last_problems(self) -> tuple[str, ...]:
+        """Why the last reload or recompile was refused; empty when it succeeded."""
+        return self._last_problems
+
     async def load(self) -> None:
         """The first load: an invalid set here is a start-up error, never a silent deny-all."""
         result = await self.reload("start-up")

@@ -24,6 +24,7 @@ from taskbound.service.kek import load_kek
 from taskbound.service.keys import KeyManager
 from taskbound.service.policy import PolicyEngine
 from taskbound.service.registry import Registry
+from taskbound.service.reports import ReportService
 from taskbound.service.revocations import RevocationFeed
 from taskbound.service.signals import SignalReceiver, SignalSender
 from taskbound.storage import open_storage
@@ -55,6 +56,8 @@ class Services:
     breakglass: BreakGlassService
     # The audit chain's checkpoints, verification and export.
     audit: AuditChain
+    # Posture reports: usage, findings, blast radius, framework alignment.
+    reports: ReportService
     # Resources other components opened on these services (the gateway's upstream pool).
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Shared Signals: out (None without receivers; started by the app), in (None without
@@ -139,6 +142,7 @@ async def open_services(
             settings.breakglass, storage, clock, after_revocation=revocations.sync
         )
         chain = AuditChain(settings, storage, keys, clock, http)
+        reports = ReportService(settings, storage, clock, policy, chain)
         signal_receiver = None
         if settings.signals.transmitters:
             signal_receiver = SignalReceiver(
@@ -169,6 +173,7 @@ async def open_services(
         approvals,
         exceptions,
         chain,
+        reports,
         signal_sender=signal_sender,
         signal_receiver=signal_receiver,
     )

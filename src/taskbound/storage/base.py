@@ -39,6 +39,7 @@ from taskbound.core.model import (
     Tool,
     UiSession,
 )
+from taskbound.core.usage import TimelineRow, UsageRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +313,21 @@ class AuditStore(Protocol):
         matching every filter given (``exception``: the break-glass exception relied on;
         ``since`` inclusive, ``until`` exclusive).
         A negative ``after`` or ``limit`` is a ``ValueError``."""
+        ...
+
+    async def audit_usage(self, *, since: datetime, until: datetime) -> list[UsageRow]:
+        """The ``gateway.call`` records with ``since <= time < until``, grouped by (agent,
+        owner, task, tool, action, tier, decision): each group's count and latest time, in
+        no particular order. Aggregated by the store (an index on (event, time) serves the
+        range), so the answer grows with the distinct groups, not with the records."""
+        ...
+
+    async def audit_timeline(
+        self, *, since: datetime, until: datetime, agents: Sequence[str] | None = None
+    ) -> list[TimelineRow]:
+        """The ``gateway.call`` records with ``since <= time < until`` (and, with
+        ``agents``, whose agent is one of them) counted per UTC day and decision, in no
+        particular order."""
         ...
 
 

@@ -9,11 +9,11 @@ anything, so a refused call leaves no trace. It is not shared between threads or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Table
 
@@ -41,6 +41,7 @@ from taskbound.core.model import (
     Tool,
     UiSession,
 )
+from taskbound.core.usage import GATEWAY_CALL, TimelineRow, UsageRow
 from taskbound.errors import (
     BREAKGLASS_ERRORS,
     ApprovalExpired,
@@ -440,6 +441,8 @@ class MemoryStorage:
         if flt.limit < 0:
             raise ValueError("TaskFilter.limit must not be negative")
         state = None if flt.state is None else TaskState(flt.state).value
+        since = None if flt.created_since is None else codec.utc(flt.created_since)
+        until = None if flt.created_until is None else codec.utc(flt.created_until)
         rows = sorted(
             (
                 r
@@ -447,6 +450,8 @@ class MemoryStorage:
                 if (flt.agent_id is None or r["agent_id"] == flt.agent_id)
                 and (flt.owner_id is None or r["owner_id"] == flt.owner_id)
                 and (state is None or r["state"] == state)
+                and (since is None or r["created_at"] >= since)
+                and (until is None or r["created_at"] < until)
             ),
             key=lambda r: (_Descending(r["created_at"]), r["id"]),
         )
@@ -782,6 +787,46 @@ class MemoryStorage:
         ]
         rows.sort(key=lambda r: r["seq"], reverse=descending)
         return _decoded(self._audit, rows[:limit], codec.audit_from)
+
+    def _gateway_calls(self, since: datetime, until: datetime) -> Iterator[Row]:
+        start, end = codec.utc(since), codec.utc(until)
+        for _, r in self._audit.rows():
+            if r["event"] == GATEWAY_CALL and start <= r["time"] < end:
+                yield r
+
+    async def audit_usage(self, *, since: datetime, until: datetime) -> list[UsageRow]:
+        groups: dict[tuple[Any, ...], tuple[int, datetime]] = {}
+        for r in self._gateway_calls(since, until):
+            key: tuple[Any, ...] = (r["agent"], r["owner"], r["task"], r["tool"], r["action"])
+            key += (r["tier"], r["decision"])
+            calls, last = groups.get(key, (0, r["time"]))
+            groups[key] = (calls + 1, max(last, r["time"]))
+        return [
+            UsageRow(
+                agent=k[0],
+                owner=k[1],
+                task=k[2],
+                tool=k[3],
+                action=k[4],
+                tier=k[5],
+                decision=k[6],
+                calls=calls,
+                last_used=last,
+            )
+            for k, (calls, last) in groups.items()
+        ]
+
+    async def audit_timeline(
+        self, *, since: datetime, until: datetime, agents: Sequence[str] | None = None
+    ) -> list[TimelineRow]:
+        counts: dict[tuple[str, str], int] = {}
+        wanted = None if agents is None else set(agents)
+        for r in self._gateway_calls(since, until):
+            if wanted is not None and r["agent"] not in wanted:
+                continue
+            key = (r["time"].astimezone(UTC).strftime("%Y-%m-%d"), r["decision"])
+            counts[key] = counts.get(key, 0) + 1
+        return [TimelineRow(day, decision, n) for (day, decision), n in counts.items()]
 
     # --- approvals -------------------------------------------------------------------------
 

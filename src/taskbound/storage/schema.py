@@ -241,6 +241,8 @@ audit_events = Table(
     Index(None, "task", "seq"),
     Index(None, "agent", "seq"),
     Index(None, "exception_id", "seq"),
+    # The posture reports aggregate gateway calls over a time range (docs/reports.md).
+    Index(None, "event", "time"),
     sqlite_autoincrement=True,
 )
 

@@ -31,7 +31,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -81,6 +81,7 @@ from taskbound.core.model import (
     Tool,
     UiSession,
 )
+from taskbound.core.usage import GATEWAY_CALL, TimelineRow, UsageRow
 from taskbound.errors import (
     BREAKGLASS_ERRORS,
     ApprovalExpired,
@@ -721,6 +722,10 @@ class SqlStorage:
             query = query.where(t.tasks.c.owner_id == flt.owner_id)
         if flt.state is not None:
             query = query.where(t.tasks.c.state == TaskState(flt.state).value)
+        if flt.created_since is not None:
+            query = query.where(t.tasks.c.created_at >= codec.utc(flt.created_since))
+        if flt.created_until is not None:
+            query = query.where(t.tasks.c.created_at < codec.utc(flt.created_until))
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.task_from(r) for r in rows]
@@ -1261,6 +1266,60 @@ class SqlStorage:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.audit_from(r) for r in rows]
 
+    def _gateway_calls(self, since: datetime, until: datetime) -> ColumnElement[bool]:
+        c = t.audit_events.c
+        return (
+            (c.event == GATEWAY_CALL) & (c.time >= codec.utc(since)) & (c.time < codec.utc(until))
+        )
+
+    async def audit_usage(self, *, since: datetime, until: datetime) -> list[UsageRow]:
+        c = t.audit_events.c
+        keys = (c.agent, c.owner, c.task, c.tool, c.action, c.tier, c.decision)
+        query = (
+            select(*keys, func.count().label("calls"), func.max(c.time).label("last_used"))
+            .where(self._gateway_calls(since, until))
+            .group_by(*keys)
+        )
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            UsageRow(
+                agent=row[0],
+                owner=row[1],
+                task=row[2],
+                tool=row[3],
+                action=row[4],
+                tier=row[5],
+                decision=row[6],
+                calls=int(row[7]),
+                last_used=_aware(row[8]),
+            )
+            for row in rows
+        ]
+
+    async def audit_timeline(
+        self, *, since: datetime, until: datetime, agents: Sequence[str] | None = None
+    ) -> list[TimelineRow]:
+        c = t.audit_events.c
+        # The UTC calendar day: SQLite keeps the UTC wall time as sortable text.
+        day = (
+            func.to_char(func.timezone("UTC", c.time), "YYYY-MM-DD")
+            if self._postgres
+            else func.substr(c.time, 1, 10)
+        ).label("day")
+        query = (
+            select(day, c.decision, func.count())
+            .where(self._gateway_calls(since, until))
+            .group_by(day, c.decision)
+        )
+        if agents is not None:
+            if codec.has_nul(*agents):
+                agents = [a for a in agents if not codec.has_nul(a)]
+            query = query.where(c.agent.in_(list(agents)))
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return [TimelineRow(str(d), str(decision), int(n)) for d, decision, n in rows]
+
     # --- approvals -------------------------------------------------------------------------
 
     @staticmethod
@@ -1625,3 +1684,12 @@ class SqlStorage:
         )
         async with self._transaction(write=True) as conn:
             return int((await conn.execute(prune)).rowcount)
+
+
+def _aware(value: Any) -> datetime:
+    """A time read back from an aggregate: SQLite may hand back its text form."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"not a time: {value!r}")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

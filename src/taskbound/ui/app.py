@@ -9,7 +9,8 @@ caching and framing refused.
 Each page states the role it needs: any signed-in owner with a role sees the approvals
 inbox; deciding needs ``approver`` (checked by the approvals service, with separation of
 duties); break-glass pages need ``admin`` or ``reviewer`` (granting needs ``admin``,
-signing off ``reviewer``); the task and audit views need ``reviewer`` or ``admin``.
+signing off ``reviewer``); the task, audit and report views need ``reviewer`` or
+``admin``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from taskbound.core.breakglass import label
 from taskbound.core.model import ApprovalState, Role, Scope, TaskFilter, TaskState, Tier
 from taskbound.core.signin import token_hash
 from taskbound.errors import InvalidRequest, NotFound, RoleRequired, TaskboundError
+from taskbound.service.report_html import html_headers, install, render_report, report_context
+from taskbound.service.report_request import (
+    FILTERS,
+    KINDS,
+    parse_report_request,
+    run_report,
+)
 from taskbound.service.runtime import Services
 from taskbound.ui.auth import (
     Authenticator,
@@ -69,6 +77,12 @@ DONE: Final = {
 VIEW_ROLES: Final = frozenset({Role.APPROVER, Role.REVIEWER, Role.ADMIN})
 OVERSIGHT: Final = frozenset({Role.REVIEWER, Role.ADMIN})
 PAGE_LIMIT: Final = 200
+REPORT_KINDS: Final = (
+    ("posture", "Posture findings"),
+    ("usage", "Granted vs used"),
+    ("blast-radius", "Blast radius"),
+    ("alignment", "Framework alignment"),
+)
 
 Page = Callable[[Request, Person], Awaitable[Response]]
 
@@ -98,6 +112,7 @@ def ui_mount(settings: Settings, services: Callable[[], Services]) -> Mount:
     )
     env.filters["at"] = _at
     env.filters["pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, ensure_ascii=False)
+    install(env)
     public = urlsplit(settings.public_url)
     origin = f"{public.scheme}://{public.netloc}"
 
@@ -493,6 +508,75 @@ def ui_mount(settings: Settings, services: Callable[[], Services]) -> Mount:
             decisions=["allow", "deny", "approval_required", "error", "info"],
         )
 
+    # --- reports (docs/reports.md) ------------------------------------------------------
+
+    @page("/reports", roles=OVERSIGHT)
+    async def reports_index(request: Request, person: Person) -> Response:
+        return render(
+            request, "reports.html", person, kind=None, kinds=REPORT_KINDS, title="Reports"
+        )
+
+    @page("/reports/{kind}", roles=OVERSIGHT)
+    async def report(request: Request, person: Person) -> Response:
+        """One report, with its window and filters as a GET form; ``?format=html`` downloads
+        the self-contained HTML report. A report that cannot be made shows why, in place."""
+        svc = services()
+        kind = request.path_params["kind"]
+        if kind not in KINDS:
+            raise NotFound("no such report")
+        q = request.query_params
+        fields = FILTERS[kind]
+        filters = {
+            k: q.get(k, "")[:2048]
+            for k in ("since", "until", "agent", "owner", "task", "credential")
+        }
+        context: dict[str, Any] = {
+            "kind": kind,
+            "kinds": REPORT_KINDS,
+            "title": dict(REPORT_KINDS)[kind],
+            "fields": fields,
+            "filters": filters,
+            "agents": [],
+            "r": None,
+            "error": None,
+            "download": "",
+        }
+        if "agent" in fields:
+            context["agents"] = [a.spiffe_id for a in await svc.storage.list_agents()]
+        given = {k: v for k, v in filters.items() if v}
+        status = 200
+        try:
+            # Blast radius without a subject: the form alone, to name one.
+            if kind != "blast-radius" or given:
+                asked = parse_report_request(kind, given, svc.clock.now())
+                found = await run_report(svc.reports, asked)
+                if q.get("format") == "html":
+                    headers = html_headers(asked.kind)
+                    headers["Content-Disposition"] = headers["Content-Disposition"].replace(
+                        "inline", "attachment"
+                    )
+                    return HTMLResponse(render_report(found), headers=headers)
+                context.update(report_context(found))
+                context["download"] = f"/ui/reports/{kind}?" + urlencode(
+                    {**given, "format": "html"}
+                )
+        except TaskboundError as err:
+            log.info(
+                "ui report refused",
+                extra={"path": request.url.path, "code": err.code, "reason": err.internal},
+            )
+            context["error"] = {"code": err.code, "detail": err.detail}
+            status = err.status
+        return render(request, "reports.html", person, status=status, **context)
+
+    async def report_style(request: Request) -> Response:
+        css = env.loader.get_source(env, "report.css")[0] if env.loader else ""
+        return Response(
+            css,
+            media_type="text/css",
+            headers={**SECURITY_HEADERS, "Cache-Control": "public, max-age=3600"},
+        )
+
     async def style(request: Request) -> Response:
         css = env.loader.get_source(env, "style.css")[0] if env.loader else ""
         return Response(
@@ -507,6 +591,7 @@ def ui_mount(settings: Settings, services: Callable[[], Services]) -> Mount:
         Route("/login/oidc", oidc_start, methods=["GET"]),
         Route("/oidc/callback", oidc_callback, methods=["GET"]),
         Route("/static/style.css", style, methods=["GET"]),
+        Route("/static/report.css", report_style, methods=["GET"]),
         logout,
         approvals,
         approval,
@@ -517,6 +602,8 @@ def ui_mount(settings: Settings, services: Callable[[], Services]) -> Mount:
         tasks,
         task,
         audit,
+        reports_index,
+        report,
     ]
     return Mount("/ui", routes=routes)
 
