@@ -323,6 +323,24 @@ async def test_usage_numbers(deployment: tuple[Services, FakeClock]) -> None:
     assert report["decision_mix"] == {"allow": 8, "deny": 1, "approval_required": 1, "error": 1}
 
 
+async def test_more_tasks_than_the_cap_is_said_not_hidden(
+    deployment: tuple[Services, FakeClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services, _ = deployment
+    full = await services.reports.usage(SINCE, UNTIL)
+    assert full["tasks_truncated"] is False
+    assert "tasks_limit" not in full
+    capped_settings = services.settings.model_copy(
+        update={"reports": services.settings.reports.model_copy(update={"max_tasks": 2})}
+    )
+    monkeypatch.setattr(services.reports, "_settings", capped_settings)
+    capped = await services.reports.usage(SINCE, UNTIL)
+    assert capped["tasks_truncated"] is True
+    assert capped["tasks_limit"] == 2
+    assert capped["totals"]["tasks"] <= 2 < full["totals"]["tasks"]
+    assert (await services.reports.posture(SINCE, UNTIL))["tasks_truncated"] is True
+
+
 async def test_recommendations(deployment: tuple[Services, FakeClock], tmp_path: Path) -> None:
     services, _ = deployment
     report = await services.reports.usage(SINCE, UNTIL)

@@ -32,7 +32,9 @@ good". An empty window is a report with zero counts and ``"empty": true``.
      "totals": {"agents", "over_granted_agents", "granted_count", "used_count",
                 "unused_share", "calls", "denied_calls", "tasks"},
      "timeline": [{"day": "YYYY-MM-DD", "allow", "deny", "approval_required", "error"}],
-     "decision_mix": {"allow", "deny", "approval_required", "error"}}
+     "decision_mix": {"allow", "deny", "approval_required", "error"},
+     "tasks_truncated": bool,   # more tasks in the window than reports.max_tasks: the
+     "tasks_limit": int}        # task counts cover only the first that many (then present)
 
 ``posture(since, until)``::
 
@@ -213,17 +215,13 @@ class ReportService:
         timeline = await self._storage.audit_timeline(
             since=window.since, until=window.until, agents=None if everyone else ids
         )
-        tasks = [
-            t
-            for t in await self._storage.list_tasks(
-                TaskFilter(
-                    created_since=window.since,
-                    created_until=window.until,
-                    limit=self._settings.reports.max_tasks,
-                )
-            )
-            if t.agent_id in wanted
-        ]
+        cap = self._settings.reports.max_tasks
+        found = await self._storage.list_tasks(
+            TaskFilter(created_since=window.since, created_until=window.until, limit=cap + 1)
+        )
+        # Never silently: a window with more tasks than the cap says so in the report.
+        truncated = len(found) > cap
+        tasks = [t for t in found[:cap] if t.agent_id in wanted]
         report = usage_report(
             window=window,
             now=self._clock.now(),
@@ -236,6 +234,9 @@ class ReportService:
             environment=self._settings.policy.environment,
             thresholds=self.thresholds,
         )
+        report["tasks_truncated"] = truncated
+        if truncated:
+            report["tasks_limit"] = cap
         return report, rows, tasks
 
     # --- usage -----------------------------------------------------------------------------
@@ -314,6 +315,7 @@ class ReportService:
             "empty": usage["empty"],
             "findings": found,
             "summary": {**summary, "total": len(found)},
+            "tasks_truncated": usage["tasks_truncated"],
         }
 
     # --- blast radius ----------------------------------------------------------------------
