@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from taskbound.cli import audit as audit_cli
 from taskbound.cli.main import app
 from taskbound.core import audit
 from taskbound.core.keys import PrivateKey, generate_key, public_jwk
@@ -190,7 +192,9 @@ async def test_list_refusal_keeps_the_server_code(live: Live) -> None:
     assert "invalid_admin_token" in result.stderr
 
 
-async def test_tail_shows_the_latest_then_follows(live: Live) -> None:
+async def test_tail_shows_the_latest_then_follows(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = await head(live)
     await append(live, 5)
     run = await cli(live, "audit", "tail", "-n", "2", "--json")
@@ -202,6 +206,21 @@ async def test_tail_shows_the_latest_then_follows(live: Live) -> None:
     assert [int(line.split()[0]) - base for line in run.stdout.splitlines()] == [3, 4, 5]
     assert "call 5" in run.text
 
+    # The follower has shown its latest record (its second request) before more arrive:
+    # waited for, not slept on, so that a loaded machine cannot reorder the two.
+    shown = threading.Event()
+    calls = 0
+    get = audit_cli.AdminClient.get
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        answer = get(self, *args, **kwargs)
+        calls += 1
+        if calls == 2:
+            shown.set()
+        return answer
+
+    monkeypatch.setattr(audit_cli.AdminClient, "get", counting)
     follow = asyncio.create_task(
         cli(
             live,
@@ -215,11 +234,11 @@ async def test_tail_shows_the_latest_then_follows(live: Live) -> None:
             "--interval",
             "0.1",
             "--max-seconds",
-            "2.5",
+            "5",
             "--json",
         )
     )
-    await asyncio.sleep(0.8)
+    assert await asyncio.to_thread(shown.wait, 30)
     await append(live, 4, start=6)  # 6 (the other agent), 7, 8, 9 (the other agent)
     run = await follow
     assert run.code == 0, run.text

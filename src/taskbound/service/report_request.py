@@ -93,23 +93,24 @@ class ReportRequest:
 def parse_time(text: str, name: str, now: datetime, *, end: bool = False) -> datetime:
     """``text`` as an aware UTC time (see the module); InvalidRequest naming ``name``."""
     value = text.strip()
-    if _DURATION.fullmatch(value.lower()):
-        seconds = sum(int(n) * _UNITS[unit] for n, unit in _PART.findall(value.lower()))
-        return now - timedelta(seconds=seconds)
     try:
+        if _DURATION.fullmatch(value.lower()):
+            seconds = sum(int(n) * _UNITS[unit] for n, unit in _PART.findall(value.lower()))
+            return now - timedelta(seconds=seconds)
         if len(value) == 10:
             day = date.fromisoformat(value)
             start = datetime(day.year, day.month, day.day, tzinfo=UTC)
             return start + timedelta(days=1) if end else start
         when = datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError:
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise InvalidRequest(f"{name} needs a time zone (e.g. Z or +01:00)")
+        return when.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # OverflowError: a duration or a date at the edge of what a datetime can hold.
         raise InvalidRequest(
             f"{name} must be an RFC 3339 time with a zone, a date (YYYY-MM-DD) or a "
-            "duration ago (7d, 24h, 30m)"
+            "duration ago (7d, 24h, 30m), within years 1 to 9999"
         ) from None
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise InvalidRequest(f"{name} needs a time zone (e.g. Z or +01:00)")
-    return when.astimezone(UTC)
 
 
 def parse_report_request(kind: str, params: Mapping[str, str], now: datetime) -> ReportRequest:
