@@ -119,6 +119,9 @@ async def test_html_is_the_self_contained_report(server: Live, kind: str) -> Non
         ("usage", {"colour": "red"}, "takes no colour"),
         ("usage", {"agent": "x" * 3000}, "too long"),
         ("nonsense", {}, "must be one of posture, usage, blast-radius, alignment"),
+        ("usage", {"since": "999999w"}, "within years 1 to 9999"),
+        ("usage", {"until": "9999-12-31"}, "within years 1 to 9999"),
+        ("usage", {"since": "0001-01-01T00:00:00+01:00"}, "within years 1 to 9999"),
     ],
 )
 async def test_bad_parameters_are_400_invalid_request(
@@ -211,3 +214,21 @@ async def test_the_real_reports_refuse_an_unknown_agent_and_say_empty(deployment
         headers=live.admin,
     )
     assert "No data in this window." in r.text
+
+
+def test_a_window_is_utc_and_bounded() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from taskbound.errors import InvalidRequest
+    from taskbound.service.reports import MAX_WINDOW, ReportService
+
+    plus5 = timezone(timedelta(hours=5))
+    window = ReportService.window(
+        datetime(2026, 3, 1, 2, 0, tzinfo=plus5), datetime(2026, 3, 2, tzinfo=plus5)
+    )
+    assert window.since == datetime(2026, 2, 28, 21, 0, tzinfo=UTC)
+    assert window.since.tzinfo is UTC
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    ReportService.window(start, start + MAX_WINDOW)
+    with pytest.raises(InvalidRequest, match="at most 400 days"):
+        ReportService.window(start, start + MAX_WINDOW + timedelta(seconds=1))
