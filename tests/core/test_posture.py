@@ -12,6 +12,7 @@ from taskbound.core.posture import (
     Window,
     findings,
     granted_actions,
+    policy_id_of,
     recommendation,
     rfc3339,
     share,
@@ -78,7 +79,9 @@ def test_recommendation_texts_quote_what_they_name() -> None:
     assert rec["removed"] == [{"tool": "issues", "tier": "write"}]
     assert rec["forbidden_actions"] == [{"tool": "issues", "tier": "read", "action": "get"}]
     assert 'principal == Agent::"spiffe://example.org/agents/\\"odd\\""' in rec["cedar"]
-    assert '@id("least-privilege-example-org-agents-odd")' in rec["cedar"]
+    odd = policy_id_of(AGENT.spiffe_id)
+    assert odd.startswith("least-privilege-example-org-agents-odd-")
+    assert f'@id("{odd}")' in rec["cedar"]
     assert 'agent: "spiffe://example.org/agents/\\"odd\\""' in rec["cases_yaml"]
     assert 'situation: {environment: "prod"}' in rec["cases_yaml"]
     # a file of that name already in the set: the diff replaces it
@@ -87,14 +90,11 @@ def test_recommendation_texts_quote_what_they_name() -> None:
         granted,
         {ActionRef("issues", "read", "list"): 4},
         window=WINDOW,
-        policy_files={"least-privilege-example-org-agents-odd.cedar": "// old\n"},
+        policy_files={f"{odd}.cedar": "// old\n"},
         environment="prod",
     )
     assert again is not None
-    assert again["diff"].startswith(
-        "--- a/least-privilege-example-org-agents-odd.cedar\n"
-        "+++ b/least-privilege-example-org-agents-odd.cedar\n"
-    )
+    assert again["diff"].startswith(f"--- a/{odd}.cedar\n+++ b/{odd}.cedar\n")
     assert "-// old\n" in again["diff"]
 
 
@@ -175,3 +175,12 @@ def test_an_empty_window_claims_nothing() -> None:
         "type": "window",
         "id": "2026-03-01T00:00:00Z/2026-03-04T00:00:00Z",
     }
+
+
+def test_policy_ids_never_collide() -> None:
+    # Two IDs the readable slug cannot tell apart still get their own policy and file.
+    a, b = policy_id_of("spiffe://a.b/x"), policy_id_of("spiffe://a-b/X")
+    assert a != b
+    assert a.startswith("least-privilege-a-b-x-")
+    assert b.startswith("least-privilege-a-b-x-")
+    assert len(policy_id_of("spiffe://example.org/" + "x" * 500)) < 80

@@ -39,6 +39,7 @@ USAGE: dict[str, Any] = {
                     "tier": "read",
                     "action": "list",
                     "calls": 41,
+                    "via_delegation": 0,
                     "last_used": "2025-03-30T16:02:11Z",
                 }
             ],
@@ -90,6 +91,7 @@ USAGE: dict[str, Any] = {
                     "tier": "read",
                     "action": "list",
                     "calls": 12,
+                    "via_delegation": 2,
                     "last_used": "2025-03-29T08:15:00Z",
                 },
                 {
@@ -97,6 +99,7 @@ USAGE: dict[str, Any] = {
                     "tier": "write",
                     "action": "comment",
                     "calls": 5,
+                    "via_delegation": 0,
                     "last_used": "2025-03-29T08:16:40Z",
                 },
             ],
@@ -184,6 +187,9 @@ BLAST_RADIUS: dict[str, Any] = {
             "policies": ["default/admin-needs-approval"],
             "requires_approval": True,
             "risk": "high",
+            "exception": None,
+            "reachable_now": False,
+            "always": False,
         },
         {
             "tool": "issues",
@@ -193,6 +199,9 @@ BLAST_RADIUS: dict[str, Any] = {
             "policies": ["default/read"],
             "requires_approval": False,
             "risk": "low",
+            "exception": None,
+            "reachable_now": True,
+            "always": True,
         },
         {
             "tool": "issues",
@@ -202,10 +211,20 @@ BLAST_RADIUS: dict[str, Any] = {
             "policies": ["default/write"],
             "requires_approval": False,
             "risk": "medium",
+            "exception": "bg-7",
+            "reachable_now": True,
+            "always": False,
         },
     ],
     "delegates": [{"agent": TRIAGE, "owner": "carol", "reach_count": 1}],
-    "totals": {"actions": 3, "tools": 2, "direct": 2, "through_delegation": 1, "admin_tier": 1},
+    "totals": {
+        "actions": 3,
+        "tools": 2,
+        "direct": 2,
+        "through_delegation": 1,
+        "admin_tier": 1,
+        "via_exception": 1,
+    },
 }
 
 ALIGNMENT: dict[str, Any] = {

@@ -96,6 +96,9 @@ async def test_blast_radius_and_alignment_tables(server: Live) -> None:
         run.text
     )
     assert "default/admin-needs-approval" in run.text
+    assert "1 relying on a break-glass exception, 1 not reachable now" in run.text
+    assert "not now" in run.text
+    assert "bg-7" in run.text
     run = await cli(server, "report", "alignment")
     assert run.code == 0, run.text
     assert "✓ met 1 · ◐ partly met 1 · ✗ not met 1" in run.text

@@ -194,10 +194,14 @@ def test_blast_radius_reach_and_delegates() -> None:
     assert f"Actions in reach {t['actions']} Tools {t['tools']} Direct {t['direct']}" in text
     assert f"Through delegation {t['through_delegation']} Admin tier {t['admin_tier']}" in text
     assert (
-        "deploy admin release high required spiffe://taskbound.local/agents/bot → "
+        "deploy admin release high required not now — spiffe://taskbound.local/agents/bot → "
         "spiffe://taskbound.local/agents/triage default/admin-needs-approval"
     ) in text
-    assert "issues read list low no spiffe://taskbound.local/agents/bot default/read" in text
+    assert "issues read list low no always — spiffe://taskbound.local/agents/bot default/read" in (
+        text
+    )
+    assert "issues write comment medium no now bg-7 spiffe://" in text
+    assert f"Via break-glass {t['via_exception']}" in text
     assert "spiffe://taskbound.local/agents/triage carol 1" in text
     assert "sha256:4f2a9c" in text
 
@@ -243,7 +247,9 @@ def test_markup_in_any_value_is_shown_as_text(kind: str) -> None:
         ]
     elif kind == "blast_radius":
         report["subject"] = {"type": "agent", "id": HOSTILE}
-        report["reach"] = [dict(x, via=[HOSTILE], policies=[evil]) for x in BLAST_RADIUS["reach"]]
+        report["reach"] = [
+            dict(x, via=[HOSTILE], policies=[evil], exception=evil) for x in BLAST_RADIUS["reach"]
+        ]
     else:
         report["controls"] = [dict(c, title=evil, evidence=[evil]) for c in ALIGNMENT["controls"]]
     page = render_report(report)

@@ -27,10 +27,11 @@ from taskbound.core.model import (
     Tier,
 )
 from taskbound.core.policy import PolicyInvalid, PolicySource, compile_policies
+from taskbound.core.posture import policy_id_of
 from taskbound.errors import InvalidRequest, NotFound
 from taskbound.service.policy import PolicyEngine, default_policy_dir, read_policy_dir
 from taskbound.service.policy_cases import load_suite, run_suite
-from taskbound.service.registry import OwnerSpec, RegistryDocument
+from taskbound.service.registry import AgentSpec, OwnerSpec, RegistryDocument
 from taskbound.service.reports import ReportService
 from taskbound.service.runtime import Services, open_services
 from taskbound.storage.memory import MemoryStorage
@@ -47,6 +48,10 @@ HELPER = "spiffe://example.org/agents/helper"
 IDLE = "spiffe://example.org/agents/idle"
 EXACT = "spiffe://example.org/agents/exact"
 SCRIBE = "spiffe://example.org/agents/scribe"
+# Added by test_usage_through_delegation only.
+ORCH = "spiffe://example.org/agents/orchestrator"
+SUB = "spiffe://example.org/agents/sub"
+TRIAGE_POLICY = policy_id_of(TRIAGE)
 
 
 def _http(name: str, tier: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
@@ -128,7 +133,7 @@ REGISTRY: dict[str, Any] = {
 def call(
     when: datetime, agent: str, task: str, tool: str, action: str, tier: str, **kw: Any
 ) -> AuditEvent:
-    owner = {TRIAGE: "alice", HELPER: "alice", EXACT: "carol"}[agent]
+    owner = {TRIAGE: "alice", HELPER: "alice", EXACT: "carol", ORCH: "carol", SUB: "carol"}[agent]
     return AuditEvent(
         time=when,
         event="gateway.call",
@@ -293,11 +298,13 @@ async def test_usage_numbers(deployment: tuple[Services, FakeClock]) -> None:
         "issues:read:get", "issues:read:list", "issues:write:comment", "issues:write:label",
         "issues:admin:wipe", "wiki:read:read_page",
     ]  # fmt: skip
+    # HELPER's allowed call on TRIAGE's t-a1 (09:01) counts for TRIAGE too, via delegation:
+    # not in its own calls, but in the latest use
     assert triage["used"] == [
-        {"tool": "issues", "tier": "read", "action": "list", "calls": 3,
-         "last_used": "2026-03-02T09:00:00Z"},
+        {"tool": "issues", "tier": "read", "action": "list", "calls": 3, "via_delegation": 1,
+         "last_used": "2026-03-02T09:01:00Z"},
         {"tool": "issues", "tier": "write", "action": "comment", "calls": 1,
-         "last_used": "2026-03-01T10:02:00Z"},
+         "via_delegation": 0, "last_used": "2026-03-01T10:02:00Z"},
     ]  # fmt: skip
     assert refs(triage["unused"]) == [
         "issues:read:get",
@@ -305,8 +312,9 @@ async def test_usage_numbers(deployment: tuple[Services, FakeClock]) -> None:
         "issues:admin:wipe",
         "wiki:read:read_page",
     ]
-    # the delegated call counts for the delegate, as recorded
+    # the delegated call counts for the delegate, as recorded (and for TRIAGE, above)
     assert refs(by[HELPER]["used"]) == ["issues:read:list", "wiki:read:read_page"]
+    assert [(u["calls"], u["via_delegation"]) for u in by[HELPER]["used"]] == [(1, 0), (2, 0)]
     assert report["owners"] == [
         {"owner": "alice", "agents": 3, "granted_count": 11, "used_count": 4, "unused_share": 0.6364},  # noqa: E501
         {"owner": "bob", "agents": 1, "granted_count": 5, "used_count": 0, "unused_share": 1.0},
@@ -356,12 +364,10 @@ async def test_recommendations(deployment: tuple[Services, FakeClock], tmp_path:
     ]
     assert rec["removed"] == [{"tool": "issues", "tier": "admin"}, {"tool": "wiki", "tier": "read"}]
     assert refs(rec["forbidden_actions"]) == ["issues:read:get", "issues:write:label"]
-    assert '@id("least-privilege-example-org-agents-triage")' in rec["cedar"]
+    assert f'@id("{TRIAGE_POLICY}")' in rec["cedar"]
     assert f'principal == Agent::"{TRIAGE}"' in rec["cedar"]
     assert 'Action::"issues:get",\n    Action::"issues:label"' in rec["cedar"]
-    assert rec["diff"].startswith(
-        "--- /dev/null\n+++ b/least-privilege-example-org-agents-triage.cedar\n"
-    )
+    assert rec["diff"].startswith(f"--- /dev/null\n+++ b/{TRIAGE_POLICY}.cedar\n")
     helper = by[HELPER]["recommendation"]
     assert helper["removed"] == [{"tool": "wiki", "tier": "write"}]
     assert refs(helper["forbidden_actions"]) == ["issues:read:get"]
@@ -370,11 +376,11 @@ async def test_recommendations(deployment: tuple[Services, FakeClock], tmp_path:
     tools = await services.storage.list_tools()
     sources = read_policy_dir(services.policy.directory)
     new = [
-        PolicySource("least-privilege-example-org-agents-triage.cedar", rec["cedar"]),
-        PolicySource("least-privilege-example-org-agents-helper.cedar", helper["cedar"]),
+        PolicySource(f"{TRIAGE_POLICY}.cedar", rec["cedar"]),
+        PolicySource(f"{policy_id_of(HELPER)}.cedar", helper["cedar"]),
     ]
     compiled = compile_policies([*sources, *new], build_schema(tools))
-    assert "least-privilege-example-org-agents-triage" in compiled.policies
+    assert TRIAGE_POLICY in compiled.policies
     # ... and the `policy test` cases pass with it, and fail without it (the unused
     # actions are allowed by the current set: the new file is what denies them).
     registry = copy.deepcopy(REGISTRY)
@@ -396,6 +402,92 @@ async def test_recommendations(deployment: tuple[Services, FakeClock], tmp_path:
         "issues:get",
         "issues:label",
     ]
+
+
+async def test_usage_through_delegation(deployment: tuple[Services, FakeClock]) -> None:
+    """An orchestrator hands its task's issues credential to a sub-agent, which makes the
+    write calls: the orchestrator used that authority (the exchange needed its credential),
+    so it is neither unused nor removed nor forbidden, though the calls are the sub-agent's."""
+    services, _ = deployment
+    storage = services.storage
+    R, W = Tier.READ, Tier.WRITE
+    issues = [{"tool": "issues", "tier": "read"}, {"tool": "issues", "tier": "write"}]
+    for spiffe, ceiling in ((ORCH, issues), (SUB, issues[1:])):
+        spec = {"spiffe_id": spiffe, "owner": "carol", "ceiling": ceiling}
+        await services.registry.create_agent(AgentSpec.model_validate(spec))
+    # created before the window (so not among its tasks), live through it
+    await storage.create_task(
+        task("t-o1", ORCH, "carol",
+             {("issues", R): ("list", "get"), ("issues", W): ("comment", "label")},
+             created_at=SINCE - timedelta(days=1), expires_at=NOW + timedelta(hours=1)),
+        [],
+    )  # fmt: skip
+    assert await storage.add_credential(
+        CredentialRecord("cred-o", "t-o1", ORCH, "issues", W, ("comment", "label"), "jkt",
+                         "kid", NOW, NOW + timedelta(minutes=10)),
+        NOW,
+    )  # fmt: skip
+    assert await storage.add_derived_credential(
+        CredentialRecord("cred-s", "t-o1", SUB, "issues", W, ("comment", "label"), "jkt3",
+                         "kid", NOW, NOW + timedelta(minutes=10), parent_jti="cred-o"),
+        NOW,
+        single_use=False,
+    )  # fmt: skip
+    await storage.append_audits(
+        [
+            call(D1 + timedelta(hours=1), ORCH, "t-o1", "issues", "list", "read"),
+            # the delegated credential's calls: the sub-agent acting, the parent's task
+            call(D2 + timedelta(minutes=10), SUB, "t-o1", "issues", "comment", "write"),
+            call(D2 + timedelta(minutes=20), SUB, "t-o1", "issues", "comment", "write"),
+            call(D2 + timedelta(minutes=30), SUB, "t-o1", "issues", "label", "write"),
+            # refused: used by no one
+            call(D2 + timedelta(minutes=40), SUB, "t-o1", "issues", "get", "read", decision="deny"),
+        ]
+    )  # fmt: skip
+
+    report = await services.reports.usage(SINCE, UNTIL)
+    by = {a["agent"]: a for a in report["agents"]}
+    orch = by[ORCH]
+    assert orch["used"] == [
+        {"tool": "issues", "tier": "read", "action": "list", "calls": 1, "via_delegation": 0,
+         "last_used": "2026-03-01T11:00:00Z"},
+        {"tool": "issues", "tier": "write", "action": "comment", "calls": 0,
+         "via_delegation": 2, "last_used": "2026-03-02T09:20:00Z"},
+        {"tool": "issues", "tier": "write", "action": "label", "calls": 0,
+         "via_delegation": 1, "last_used": "2026-03-02T09:30:00Z"},
+    ]  # fmt: skip
+    assert orch["unused"] == [{"tool": "issues", "tier": "read", "action": "get"}]
+    summary = (orch["granted_count"], orch["used_count"], orch["unused_share"])
+    assert summary == (4, 3, 0.25)
+    # its own calls only; t-o1 was created before the window
+    assert (orch["calls"], orch["denied_calls"], orch["tasks"]) == (1, 0, 0)
+    rec = orch["recommendation"]
+    assert rec["ceiling"] == issues
+    assert rec["removed"] == []
+    assert rec["forbidden_actions"] == [{"tool": "issues", "tier": "read", "action": "get"}]
+    assert 'action in [\n    Action::"issues:get"\n  ]' in rec["cedar"]
+    assert [line for line in rec["cases_yaml"].splitlines() if "- name:" in line] == [
+        '  - name: "issues:list stays allowed (used 1 times)"',
+        '  - name: "issues:comment stays allowed (used 2 times)"',
+        '  - name: "issues:label stays allowed (used 1 times)"',
+        '  - name: "issues:get is denied (granted, never used)"',
+    ]
+    # the sub-agent's own numbers are its calls, as recorded
+    sub = by[SUB]
+    assert [(u["action"], u["calls"], u["via_delegation"]) for u in sub["used"]] == [
+        ("comment", 2, 0),
+        ("label", 1, 0),
+    ]
+    assert (sub["unused"], sub["calls"], sub["denied_calls"]) == ([], 4, 1)
+    # one agent's report reads the delegates' calls on its tasks too
+    alone = await services.reports.usage(SINCE, UNTIL, agent=ORCH)
+    assert alone["agents"] == [orch]
+    assert alone["totals"]["calls"] == 1
+    # and the posture finding follows: 25 % unused is under the 0.5 threshold
+    posture = await services.reports.posture(SINCE, UNTIL)
+    assert ("unused_authority", ORCH) not in {
+        (f["code"], f["subject"]["id"]) for f in posture["findings"]
+    }
 
 
 async def test_usage_of_one_agent_and_one_owner(deployment: tuple[Services, FakeClock]) -> None:
@@ -580,6 +672,7 @@ async def test_blast_radius_of_an_agent(deployment: tuple[Services, FakeClock]) 
     ]
     assert report["totals"] == {
         "actions": 6, "tools": 2, "direct": 6, "through_delegation": 4, "admin_tier": 1,
+        "via_exception": 0,
     }  # fmt: skip
 
 
@@ -650,6 +743,182 @@ async def test_a_policy_set_that_fails_to_load(
     control = next(c for c in aligned["controls"] if c["id"] == "per_call_policy")
     assert control["status"] == "partly_met"
     assert "broken.cedar" in " ".join(control["evidence"])
+
+
+Row = tuple[str, tuple[str, ...], str | None, bool, bool]
+
+
+def time_rows(report: dict[str, Any]) -> list[Row]:
+    """(action, via, exception, reachable_now, always) of each reach entry."""
+    return [
+        (
+            f"{e['tool']}:{e['tier']}:{e['action']}",
+            tuple(e["via"]),
+            e["exception"],
+            e["reachable_now"],
+            e["always"],
+        )
+        for e in report["reach"]
+    ]
+
+
+def breakglass(bg_id: str, agent: str, scope: Scope, start: datetime, end: datetime) -> BreakGlass:
+    return BreakGlass(bg_id, agent, frozenset({scope}), "incident 43 needs more for a while",
+                      "alice", start, end)  # fmt: skip
+
+
+async def test_blast_radius_counts_active_breakglass_exceptions(
+    deployment: tuple[Services, FakeClock],
+) -> None:
+    services, _ = deployment
+    storage, reports = services.storage, services.reports
+    W = Tier.WRITE
+    # HELPER: issues:write beyond its ceiling for two hours; an expired admin one adds nothing.
+    await storage.create_breakglass(
+        breakglass("bg-helper", HELPER, Scope("issues", W), NOW - timedelta(minutes=30),
+                   NOW + timedelta(hours=2))
+    )  # fmt: skip
+    await storage.create_breakglass(
+        breakglass("bg-gone", HELPER, Scope("issues", Tier.ADMIN), NOW - timedelta(days=2),
+                   NOW - timedelta(days=1))
+    )  # fmt: skip
+    helper = await reports.blast_radius(agent=HELPER)
+    bg = "bg-helper"
+    # The exception's scopes are reached, marked, and not "always" (it ends in two hours);
+    # TRIAGE, a delegate whose own ceiling holds issues:write, inherits the exception.
+    assert time_rows(helper) == [
+        ("issues:read:get", (HELPER,), None, True, True),
+        ("issues:read:get", (HELPER, TRIAGE), None, True, True),
+        ("issues:read:list", (HELPER,), None, True, True),
+        ("issues:read:list", (HELPER, TRIAGE), None, True, True),
+        ("issues:write:comment", (HELPER,), bg, True, False),
+        ("issues:write:comment", (HELPER, TRIAGE), bg, True, False),
+        ("issues:write:label", (HELPER,), bg, True, False),
+        ("issues:write:label", (HELPER, TRIAGE), bg, True, False),
+        ("wiki:read:read_page", (HELPER,), None, True, True),
+        ("wiki:read:read_page", (HELPER, SCRIBE), None, True, True),
+        ("wiki:read:read_page", (HELPER, TRIAGE), None, True, True),
+        ("wiki:write:edit_page", (HELPER,), None, True, True),
+    ]
+    assert helper["delegates"] == [
+        {"agent": SCRIBE, "owner": "alice", "reach_count": 1},
+        {"agent": TRIAGE, "owner": "alice", "reach_count": 5},
+    ]
+    assert helper["totals"] == {
+        "actions": 6, "tools": 2, "direct": 6, "through_delegation": 6, "admin_tier": 0,
+        "via_exception": 4,
+    }  # fmt: skip
+    # As a delegate, HELPER's own exception opens TRIAGE's issues:write to it.
+    triage = await reports.blast_radius(agent=TRIAGE)
+    through = [r for r in time_rows(triage) if r[1] == (TRIAGE, HELPER)]
+    assert through == [
+        ("issues:read:get", (TRIAGE, HELPER), None, True, True),
+        ("issues:read:list", (TRIAGE, HELPER), None, True, True),
+        ("issues:write:comment", (TRIAGE, HELPER), bg, True, False),
+        ("issues:write:label", (TRIAGE, HELPER), bg, True, False),
+        ("wiki:read:read_page", (TRIAGE, HELPER), None, True, True),
+    ]
+    assert triage["totals"]["via_exception"] == 2
+    # Policy is asked with the exception active: a forbid under break-glass takes `label`
+    # from every entry relying on one, and only from those.
+    (services.policy.directory / "breakglass.cedar").write_text(
+        '@id("no-labels-under-breakglass")\n'
+        'forbid (principal, action == Action::"issues:label", resource)\n'
+        "when { context.exception.active };\n"
+    )
+    assert (await services.policy.reload("test")).ok
+    labels = [r[:3] for r in time_rows(await reports.blast_radius(agent=TRIAGE)) if "label" in r[0]]
+    assert labels == [("issues:write:label", (TRIAGE,), None)]
+    helper = await reports.blast_radius(agent=HELPER)
+    assert [r for r in time_rows(helper) if "label" in r[0]] == []
+
+
+async def test_blast_radius_of_a_task_and_credential_relying_on_an_exception(
+    deployment: tuple[Services, FakeClock],
+) -> None:
+    services, _ = deployment
+    storage, reports = services.storage, services.reports
+    W = Tier.WRITE
+    await storage.create_breakglass(
+        breakglass("bg-helper", HELPER, Scope("issues", W), NOW - timedelta(minutes=30),
+                   NOW + timedelta(hours=2))
+    )  # fmt: skip
+    t = task(
+        "t-bg", HELPER, "alice", {}, constraints={"tiers": ["read", "write"]},
+        created_at=NOW - timedelta(minutes=5), expires_at=NOW + timedelta(hours=1),
+    )  # fmt: skip
+    t = replace(t, granted=(ScopeGrant("issues", W, ("comment",), "bg-helper"),))
+    await storage.create_task(t, [])
+    await storage.add_credential(
+        CredentialRecord("cred-bg", "t-bg", HELPER, "issues", W, ("comment",), "jkt", "kid",
+                         NOW, NOW + timedelta(minutes=10), exception_id="bg-helper"),
+        NOW,
+    )  # fmt: skip
+    # The task lives one more hour: its week is `now` alone, so what `now` allows, always.
+    expected = [
+        ("issues:write:comment", (HELPER,), "bg-helper", True, True),
+        ("issues:write:comment", (HELPER, TRIAGE), "bg-helper", True, True),
+    ]
+    assert time_rows(await reports.blast_radius(task="t-bg")) == expected
+    cred = await reports.blast_radius(credential="cred-bg")
+    assert time_rows(cred) == expected
+    assert cred["totals"]["via_exception"] == 2
+
+
+def production(services: Services, clock: FakeClock) -> ReportService:
+    policy = services.settings.policy.model_copy(update={"environment": "production"})
+    settings = services.settings.model_copy(update={"policy": policy})
+    return ReportService(settings, services.storage, clock, services.policy)
+
+
+async def test_blast_radius_over_the_week_in_production(
+    deployment: tuple[Services, FakeClock],
+) -> None:
+    services, clock = deployment
+    reports = production(services, clock)
+    # The default pack's gates.cedar: no admin outside weekdays 07:00-19:00 UTC in production.
+    monday_noon = time_rows(await reports.blast_radius(agent=TRIAGE))
+    assert ("issues:admin:wipe", (TRIAGE,), None, True, False) in monday_noon
+    night = datetime(2026, 3, 2, 23, 0, tzinfo=UTC)  # a Monday, 23:00
+    clock.set(night)
+    report = await reports.blast_radius(agent=TRIAGE)
+    # Denied now, allowed from 07:00: still in reach, marked not reachable now.
+    assert time_rows(report) == [
+        ("issues:read:get", (TRIAGE,), None, True, True),
+        ("issues:read:get", (TRIAGE, HELPER), None, True, True),
+        ("issues:read:list", (TRIAGE,), None, True, True),
+        ("issues:read:list", (TRIAGE, HELPER), None, True, True),
+        ("issues:write:comment", (TRIAGE,), None, True, True),
+        ("issues:write:label", (TRIAGE,), None, True, True),
+        ("issues:admin:wipe", (TRIAGE,), None, False, False),
+        ("wiki:read:read_page", (TRIAGE,), None, True, True),
+        ("wiki:read:read_page", (TRIAGE, HELPER), None, True, True),
+        ("wiki:read:read_page", (TRIAGE, SCRIBE), None, True, True),
+    ]
+    wipe = next(e for e in report["reach"] if e["action"] == "wipe")
+    assert (wipe["policies"], wipe["requires_approval"]) == (
+        ["admin-tier-when-intent-allows"], True,
+    )  # fmt: skip
+    assert report["totals"]["admin_tier"] == 1
+    # Outside production, no gate: reachable now and always.
+    dev = time_rows(await services.reports.blast_radius(agent=TRIAGE))
+    assert ("issues:admin:wipe", (TRIAGE,), None, True, True) in dev
+    # A task's week ends with the task: one ending before 07:00 never reaches admin.
+    R, A = Tier.READ, Tier.ADMIN
+    for task_id, end in (("t-short", night + timedelta(hours=8, minutes=30)),  # 07:30
+                         ("t-shorter", night + timedelta(hours=7, minutes=30))):  # fmt: skip
+        await services.storage.create_task(
+            task(task_id, TRIAGE, "alice", {("issues", R): ("list",), ("issues", A): ("wipe",)},
+                 constraints={"tiers": ["read", "admin"]}, created_at=night, expires_at=end),
+            [],
+        )  # fmt: skip
+    short = time_rows(await reports.blast_radius(task="t-short"))
+    assert ("issues:admin:wipe", (TRIAGE,), None, False, False) in short
+    shorter = time_rows(await reports.blast_radius(task="t-shorter"))
+    assert shorter == [
+        ("issues:read:list", (TRIAGE,), None, True, True),
+        ("issues:read:list", (TRIAGE, HELPER), None, True, True),
+    ]
 
 
 # --- alignment ------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Aggregate reads of the audit log for the posture reports (docs/reports.md): usage
-grouped in the store and a per-day timeline, on every backend; tasks by creation time."""
+grouped in the store and a per-day timeline, on every backend; tasks by creation time, and
+the agents of many tasks in one bulk read."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from taskbound.core.clock import FakeClock
 from taskbound.core.model import AuditEvent, TaskFilter
 from taskbound.core.usage import TimelineRow, UsageRow
-from taskbound.storage import Storage
+from taskbound.storage import Storage, sql
 from tests.storage.test_conformance import (
     AGENT,
     IST,
@@ -132,3 +135,23 @@ async def test_list_tasks_by_creation_time(storage: Storage) -> None:
         created_until=T0 + timedelta(seconds=180),
     ) == ["t2", "t1"]
     assert await ids(created_since=T0 + timedelta(days=1)) == []
+
+
+async def test_task_agents_in_bulk(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock(T0)
+    await storage.create_owner(make_owner(T0))
+    await storage.create_agent(make_agent(T0))
+    await storage.create_agent(make_agent(T0, OTHER_AGENT))
+    await storage.create_task(make_task(clock.now(), "t-mine"), [])
+    await storage.create_task(make_task(clock.now(), "t-theirs", agent_id=OTHER_AGENT), [])
+    assert await storage.task_agents([]) == {}
+    assert await storage.task_agents(["t-none", "nul\x00"]) == {}
+    both = {"t-mine": AGENT, "t-theirs": OTHER_AGENT}
+    assert await storage.task_agents(["t-theirs", "t-mine", "t-none", "t-mine"]) == both
+    # Several statements on SQL (the chunk is what keeps SQLite under its parameter
+    # limit): known ids in different chunks, a duplicate across chunks, one answer.
+    many = [f"t-{i}" for i in range(1_201)]
+    many[0], many[700], many[-1] = "t-mine", "t-theirs", "t-mine"
+    assert await storage.task_agents(many) == both
+    monkeypatch.setattr(sql, "_ID_CHUNK", 2)
+    assert await storage.task_agents(["t-none", "t-mine", "nul\x00", "t-x", "t-theirs"]) == both

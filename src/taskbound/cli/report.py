@@ -371,10 +371,19 @@ def _show_blast_radius(data: dict[str, Any]) -> None:
         f"[bold red]{t['admin_tier']}[/] at the admin tier"
     )
     reach = data["reach"]
+    later = sum(1 for x in reach if not x.get("reachable_now", True))
+    if t.get("via_exception") or later:
+        console.print(
+            f"[bold red]{t.get('via_exception', 0)}[/] relying on a break-glass exception, "
+            f"{later} not reachable now (only at other hours of the coming week)"
+        )
     if not reach:
         console.print(f"this {escape(str(data['subject']['type']))} can reach nothing now")
     else:
-        table = _table("Reach", "tool", "tier", "action", "risk", "approval", "via", "allowed by")
+        table = _table(
+            "Reach", "tool", "tier", "action", "risk", "approval", "when", "break-glass", "via",
+            "allowed by",
+        )  # fmt: skip
         for x in reach:
             colour = _SEVERITY.get(str(x["risk"]), "")
             table.add_row(
@@ -383,6 +392,10 @@ def _show_blast_radius(data: dict[str, Any]) -> None:
                 escape(str(x["action"])),
                 f"[{colour}]{escape(str(x['risk']))}[/]" if colour else escape(str(x["risk"])),
                 "[yellow]required[/]" if x["requires_approval"] else "no",
+                "always"
+                if x.get("always", True)
+                else ("now" if x.get("reachable_now", True) else "[yellow]not now[/]"),
+                f"[red]{escape(str(x['exception']))}[/]" if x.get("exception") else "—",
                 escape(" → ".join(str(v) for v in x["via"])),
                 escape(", ".join(str(p) for p in x["policies"])),
             )

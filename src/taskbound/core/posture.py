@@ -7,7 +7,9 @@ contract in :mod:`taskbound.service.reports`.
 
 Granted is an agent's ceiling expanded to the actions of its tools at those tiers; used is
 the actions of its *allowed* ``gateway.call`` records in the window (a delegate's calls
-count for the delegate, the acting agent as recorded).
+count for the delegate, the acting agent as recorded) and of the allowed calls its delegates
+made on its tasks (used via delegation: the delegation needs the parent's credential, so
+the parent must keep the scope).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from taskbound.core.decisions import (
     decision_entities,
 )
 from taskbound.core.model import Agent, AgentState, Owner, Task, TaskState, Tier, Tool
-from taskbound.core.policy import CompiledPolicies, EntitySet, Outcome
+from taskbound.core.policy import CompiledPolicies, Decision, EntitySet, Outcome
 from taskbound.core.usage import TimelineRow, UsageRow
 
 __all__ = [
     "DECISIONS",
+    "HOURS_OF_WEEK",
     "PERMISSIVE_CONSTRAINTS",
     "ActionRef",
+    "Candidate",
     "Deployment",
     "Reached",
     "Thresholds",
@@ -46,6 +50,7 @@ __all__ = [
     "granted_actions",
     "reach",
     "recommendation",
+    "reference_week",
     "rfc3339",
     "share",
     "shared_secret_reach",
@@ -163,15 +168,17 @@ def _ref_of(row: UsageRow, tools: Mapping[str, Tool]) -> ActionRef | None:
     return ActionRef(row.tool, row.tier or "", row.action)
 
 
-def _policy_id(agent_id: str) -> str:
+def policy_id_of(agent_id: str) -> str:
+    """The id (and file name) of an agent's least-privilege policy: a readable slug of its
+    SPIFFE ID and always 8 hex of its SHA-256, so that two IDs the slug cannot tell apart
+    (``spiffe://a.b/x`` and ``spiffe://a-b/X``) never share a policy id or a file."""
     slug = re.sub(r"[^a-z0-9]+", "-", agent_id.removeprefix("spiffe://").lower()).strip("-")
-    if len(slug) > 60:
-        slug = slug[:48].rstrip("-") + "-" + hashlib.sha256(agent_id.encode()).hexdigest()[:8]
-    return f"least-privilege-{slug or 'agent'}"
+    digest = hashlib.sha256(agent_id.encode()).hexdigest()[:8]
+    return f"least-privilege-{slug[:48].rstrip('-') or 'agent'}-{digest}"
 
 
 def _cedar_text(agent: Agent, forbidden: Sequence[ActionRef], window: Window) -> str:
-    policy_id = _policy_id(agent.spiffe_id)
+    policy_id = policy_id_of(agent.spiffe_id)
     actions = ",\n".join(f"    Action::{cedar_string(r.cedar_id)}" for r in forbidden)
     return (
         f"// Least privilege for {agent.spiffe_id}: the actions of its kept tiers that no\n"
@@ -238,8 +245,10 @@ def recommendation(
     be removed, or when the agent used nothing at all (no evidence to narrow to: the
     ``unused_authority`` finding says so instead).
 
-    ``used`` maps each used action (within ``granted``) to its number of allowed calls;
-    ``policy_files`` is the policy set in force (file name -> text), for the diff.
+    ``used`` maps each used action (within ``granted``) to its number of allowed calls,
+    its own and its delegates' on its tasks (an action used only via delegation is kept:
+    removing it would break the delegation); ``policy_files`` is the policy set in force
+    (file name -> text), for the diff.
     """
     granted_set = set(granted)
     used_in = {r: n for r, n in used.items() if r in granted_set}
@@ -257,7 +266,7 @@ def recommendation(
     cedar = _cedar_text(agent, forbidden, window) if forbidden else ""
     diff = ""
     if cedar:
-        name = f"{_policy_id(agent.spiffe_id)}.cedar"
+        name = f"{policy_id_of(agent.spiffe_id)}.cedar"
         before = policy_files.get(name)
         diff = "".join(
             difflib.unified_diff(
@@ -309,14 +318,26 @@ def usage_report(
     policy_files: Mapping[str, str],
     environment: str,
     thresholds: Thresholds = Thresholds(),
+    task_agents: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``usage`` report of the contract for ``agents`` (already filtered): ``rows`` and
     ``timeline`` are the window's aggregates (``timeline`` filtered as the agents are),
-    ``tasks`` the tasks created in the window."""
+    ``tasks`` the tasks created in the window.
+
+    ``task_agents`` maps the tasks of the allowed rows to their agents: an allowed call on
+    a task of another agent (a delegated credential's call, recorded with the delegate as
+    its agent) also counts as used for the task's agent, as ``via_delegation``. A task not
+    in it credits no one but the acting agent. ``calls`` and ``denied_calls`` stay each
+    agent's own calls."""
     by_agent: dict[str, list[UsageRow]] = {}
+    # Allowed calls of delegates on an agent's tasks, by that agent.
+    delegated: dict[str, list[UsageRow]] = {}
     for row in rows:
         if row.agent is not None:
             by_agent.setdefault(row.agent, []).append(row)
+            parent = None if row.task is None else (task_agents or {}).get(row.task)
+            if row.decision == "allow" and parent is not None and parent != row.agent:
+                delegated.setdefault(parent, []).append(row)
     task_counts: dict[str, int] = {}
     for task in tasks:
         task_counts[task.agent_id] = task_counts.get(task.agent_id, 0) + 1
@@ -336,9 +357,17 @@ def usage_report(
                 continue
             calls[ref] = calls.get(ref, 0) + row.calls
             last[ref] = max(last.get(ref, row.last_used), row.last_used)
+        via: dict[ActionRef, int] = {}
+        for row in delegated.get(agent.spiffe_id, []):
+            ref = _ref_of(row, tools)
+            if ref is None:
+                continue
+            via[ref] = via.get(ref, 0) + row.calls
+            last[ref] = max(last.get(ref, row.last_used), row.last_used)
+        used = {r: calls.get(r, 0) + via.get(r, 0) for r in calls.keys() | via.keys()}
         granted_set = set(granted)
-        unused = [r for r in granted if r not in calls]
-        used_count = sum(1 for r in calls if r in granted_set)
+        unused = [r for r in granted if r not in used]
+        used_count = sum(1 for r in used if r in granted_set)
         entries.append(
             {
                 "agent": agent.spiffe_id,
@@ -346,8 +375,13 @@ def usage_report(
                 "state": agent.state.value,
                 "granted": [r.as_dict() for r in granted],
                 "used": [
-                    {**r.as_dict(), "calls": calls[r], "last_used": rfc3339(last[r])}
-                    for r in _sorted(calls)
+                    {
+                        **r.as_dict(),
+                        "calls": calls.get(r, 0),
+                        "via_delegation": via.get(r, 0),
+                        "last_used": rfc3339(last[r]),
+                    }
+                    for r in _sorted(used)
                 ],
                 "unused": [r.as_dict() for r in unused],
                 "granted_count": len(granted),
@@ -359,7 +393,7 @@ def usage_report(
                 "recommendation": recommendation(
                     agent,
                     granted,
-                    calls,
+                    used,
                     window=window,
                     policy_files=policy_files,
                     environment=environment,
@@ -719,15 +753,49 @@ def shared_secret_reach(
 
 # --- reach ----------------------------------------------------------------------------------
 
+#: The reference week of a reach question: ``now`` and each following hour up to a week,
+#: one instant per hour of the week (UTC weekday and hour).
+HOURS_OF_WEEK: Final = 7 * 24
+# A policy that can read the time names the context's ``now`` record.
+_NOW_WORD: Final = re.compile(r"\bnow\b")
+
+
+def reference_week(now: datetime) -> tuple[datetime, ...]:
+    """``now``, ``now`` + 1 h, … ``now`` + 167 h: every hour of the week (UTC) once, ``now``
+    first."""
+    return tuple(now + timedelta(hours=h) for h in range(HOURS_OF_WEEK))
+
+
+def _time_free(policies: CompiledPolicies) -> bool:
+    """Whether no policy of the set can read the time (none names ``now``): every instant
+    then decides alike, and one decision stands for all."""
+    return not any(_NOW_WORD.search(p.text) for p in policies.policies.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One action a reach question asks about: the break-glass exception a grant of it
+    would rely on (policy then sees an exception active), and the instants to ask at (None:
+    the situation's ``now`` and the ``instants`` of the question)."""
+
+    ref: ActionRef
+    exception: str | None = None
+    instants: tuple[datetime, ...] | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Reached:
-    """One action a principal can be granted now, with what decided it."""
+    """One action a principal can be granted at some instant asked, with what decided it
+    (at ``now`` when allowed then, else at the first instant that allows it)."""
 
     ref: ActionRef
     policies: tuple[str, ...]
     requires_approval: bool
     risk: str
+    exception: str | None = None
+    reachable_now: bool = True  # allowed at the situation's ``now``
+    always: bool = True  # allowed at every instant of the question
+    allowed_at: tuple[datetime, ...] = ()  # the instants that allow it, in order
 
 
 def reach(
@@ -738,45 +806,101 @@ def reach(
     owners: Sequence[Owner],
     task: TaskFacts,
     tools: Mapping[str, Tool],
-    candidates: Iterable[ActionRef],
+    candidates: Iterable[ActionRef | Candidate],
     situation: Situation,
     others: Sequence[Agent] = (),
+    instants: Sequence[datetime] = (),
 ) -> list[Reached]:
     """The ``candidates`` that policy allows ``agent`` at the grant point (the task facts
-    and situation given), each with its determining policies and whether a call of it would
-    wait for a human approval (the call point, asked without arguments). An action the
-    schema does not know is not reached. The registry's own checks (ceiling, agent state,
-    owner) are the caller's."""
+    and situation given) at **any** of the instants asked — the situation's ``now`` and
+    ``instants`` (e.g. :func:`reference_week`), or a candidate's own — each with its
+    determining policies, whether a call of it would wait for a human approval (the call
+    point, asked without arguments), whether ``now`` allows it and whether every instant of
+    the question does. A candidate relying on an exception is asked with
+    ``exception_active``. Cost: one grant decision per candidate and distinct hour of the
+    week (UTC weekday and hour) asked — one in all when no policy reads the time — and one
+    call decision per reached candidate. An action the schema does not know is not reached.
+    The registry's own checks (ceiling, agent state, owner) are the caller's."""
     entities = base.with_entities(decision_entities(agent, owners, task, others))
-    call_situation = Situation(
-        now=situation.now,
-        environment=situation.environment,
-        delegation_depth=situation.delegation_depth,
-        exception_active=situation.exception_active,
-    )
+
+    def hours(times: Iterable[datetime]) -> dict[tuple[int, int], datetime]:
+        # The first instant of each hour of the week (UTC) stands for that hour.
+        out: dict[tuple[int, int], datetime] = {}
+        for when in times:
+            u = when.astimezone(UTC)
+            out.setdefault((u.weekday(), u.hour), when)
+        return out
+
+    question = hours((situation.now, *instants))
+    time_free = _time_free(policies)
+    now_key = next(iter(question))
+    wanted: dict[ActionRef, Candidate] = {}
+    for c in candidates:
+        cand = c if isinstance(c, Candidate) else Candidate(c)
+        wanted.setdefault(cand.ref, cand)
     out: list[Reached] = []
-    for ref in _sorted(candidates):
+    for ref in _sorted(wanted):
+        cand = wanted[ref]
         tool = tools.get(ref.tool)
         info = action_info(policies, ref.tool, ref.action)
         if tool is None or info is None:
             continue
-        decision = decide_action(
-            policies,
-            entities,
-            agent=agent,
-            tool=tool,
-            action=info,
-            context=build_context(info, task, "grant", situation),
-        )
-        if decision.outcome is not Outcome.ALLOW:
+        asked = question if cand.instants is None else hours(cand.instants)
+        if not asked:
             continue
+        at = Situation(
+            now=situation.now,
+            environment=situation.environment,
+            delegation_depth=situation.delegation_depth,
+            exception_active=situation.exception_active or cand.exception is not None,
+        )
+        allowed: dict[tuple[int, int], Decision] = {}
+        for key, when in asked.items():
+            decision = decide_action(
+                policies,
+                entities,
+                agent=agent,
+                tool=tool,
+                action=info,
+                context=build_context(
+                    info,
+                    task,
+                    "grant",
+                    Situation(
+                        now=when,
+                        environment=at.environment,
+                        delegation_depth=at.delegation_depth,
+                        exception_active=at.exception_active,
+                    ),
+                ),
+            )
+            if time_free:  # every instant decides as this one
+                if decision.outcome is Outcome.ALLOW:
+                    allowed = dict.fromkeys(asked, decision)
+                break
+            if decision.outcome is Outcome.ALLOW:
+                allowed[key] = decision
+        if not allowed:
+            continue
+        first = now_key if now_key in allowed else next(iter(allowed))
+        decision = allowed[first]
         at_call = decide_action(
             policies,
             entities,
             agent=agent,
             tool=tool,
             action=info,
-            context=build_context(info, task, "call", call_situation),
+            context=build_context(
+                info,
+                task,
+                "call",
+                Situation(
+                    now=asked[first],
+                    environment=at.environment,
+                    delegation_depth=at.delegation_depth,
+                    exception_active=at.exception_active,
+                ),
+            ),
         )
         out.append(
             Reached(
@@ -784,6 +908,10 @@ def reach(
                 tuple(sorted(decision.determining)),
                 at_call.outcome is Outcome.APPROVAL_REQUIRED,
                 info.risk.value,
+                exception=cand.exception,
+                reachable_now=now_key in allowed and asked[now_key] == situation.now,
+                always=set(allowed) == set(question),
+                allowed_at=tuple(asked[k] for k in asked if k in allowed),
             )
         )
     return out

@@ -16,13 +16,18 @@ good". An empty window is a report with zero counts and ``"empty": true``.
      "agents": [  # sorted by unused_share desc, then agent
        {"agent", "owner", "state",
         "granted": [{"tool", "tier", "action"}],      # the ceiling, expanded to actions
-        "used":    [{"tool", "tier", "action", "calls", "last_used"}],  # allowed calls
-        "unused":  [{"tool", "tier", "action"}],      # granted - used
+        "used":    [{"tool", "tier", "action", "calls", "via_delegation", "last_used"}],
+                   # allowed calls: its own ("calls"), and its delegates' on its tasks
+                   # ("via_delegation": a delegated credential's call is recorded with
+                   # the delegate as agent and the parent's task; it counts for both,
+                   # since the delegation needs the parent's scope); last_used: either's
+        "unused":  [{"tool", "tier", "action"}],      # granted - used (either way)
         "granted_count", "used_count", "unused_share",
-        "tasks", "calls", "denied_calls",
+        "tasks", "calls", "denied_calls",             # calls, denied_calls: its own only
         "recommendation": {                            # null when nothing to remove
             "ceiling": [{"tool", "tier"}],             # the narrower ceiling
-            "removed": [{"tool", "tier"}],             # scopes no call used
+            "removed": [{"tool", "tier"}],             # scopes no call used (own or
+                                                       # via delegation)
             "forbidden_actions": [{"tool", "tier", "action"}],  # unused in kept tiers
             "cedar": str,        # a policy file (forbid unused actions for this agent)
             "cases_yaml": str,   # `taskbound policy test` cases: used stay allowed,
@@ -59,9 +64,17 @@ good". An empty window is a report with zero counts and ``"empty": true``.
      "reach": [  # sorted by tool, tier, action, len(via)
        {"tool", "tier", "action", "via": [spiffe ids, the subject's agent first],
         "policies": [determining policy ids], "requires_approval": bool,
-        "risk": "low"|"medium"|"high"}],
+        "risk": "low"|"medium"|"high",
+        "exception": str | None,   # the break-glass exception the grant relies on
+        "reachable_now": bool,     # allowed at generated_at (false: only at other hours)
+        "always": bool}],          # allowed at every hour of the reference week
      "delegates": [{"agent", "owner", "reach_count"}],
-     "totals": {"actions", "tools", "direct", "through_delegation", "admin_tier"}}
+     "totals": {"actions", "tools", "direct", "through_delegation", "admin_tier",
+                "via_exception"}}   # via_exception: reach entries relying on an exception
+
+  Reached = allowed at the grant point at ``now`` or at any hour of the following week
+  (:func:`taskbound.core.posture.reference_week`, cut at the subject's own expiry and at
+  the end of the exception an entry relies on).
 
 ``alignment()``::
 
@@ -81,7 +94,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from taskbound.config import Settings
@@ -89,6 +102,7 @@ from taskbound.core.alignment import Evidence
 from taskbound.core.alignment import alignment as judge_alignment
 from taskbound.core.audit import Checkpoint
 from taskbound.core.audit import Report as AuditReport
+from taskbound.core.breakglass import BreakGlass, effective_ceiling, relied_on
 from taskbound.core.cedar_schema import TaskFacts
 from taskbound.core.clock import Clock
 from taskbound.core.decisions import Situation
@@ -107,12 +121,14 @@ from taskbound.core.policy import PolicyInvalid
 from taskbound.core.posture import (
     PERMISSIVE_CONSTRAINTS,
     ActionRef,
+    Candidate,
     Deployment,
     Thresholds,
     Window,
     findings,
     granted_actions,
     reach,
+    reference_week,
     rfc3339,
     shared_secret_reach,
     usage_report,
@@ -123,6 +139,8 @@ from taskbound.service.policy import PolicyEngine, PolicyState
 from taskbound.storage.base import Storage
 
 _BREAKGLASS_PAGE = 10_000
+# The longest window one report may scan (a year and a bit): bounded work per request.
+MAX_WINDOW = timedelta(days=400)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +151,12 @@ class _Subject:
     task_agent: Agent
     owner_id: str
     facts: TaskFacts
-    candidates: tuple[ActionRef, ...]
+    candidates: tuple[Candidate, ...]
     depth: int
-    exception_active: bool
     may_act: str | None
     chain: tuple[str, ...]
+    # The subject's reference week: now and each hour of the next 7 days, cut at its end.
+    week: tuple[datetime, ...]
 
 
 class ReportService:
@@ -176,12 +195,18 @@ class ReportService:
 
     @staticmethod
     def window(since: datetime, until: datetime) -> Window:
-        """A validated window: aware times, ``until`` after ``since``."""
+        """A validated window: aware times (in UTC: days are UTC days), ``until`` after
+        ``since``, at most ``MAX_WINDOW`` long (one request must not scan years)."""
         for name, value in (("since", since), ("until", until)):
             if not isinstance(value, datetime) or value.tzinfo is None:
                 raise InvalidRequest(f"{name} must be a time with a time zone")
+        since, until = since.astimezone(UTC), until.astimezone(UTC)
         if until <= since:
             raise InvalidRequest("until must be after since")
+        if until - since > MAX_WINDOW:
+            raise InvalidRequest(
+                f"a report window is at most {MAX_WINDOW.days} days: narrow since/until"
+            )
         return Window(since, until)
 
     def _policy_state(self) -> PolicyState:
@@ -207,10 +232,24 @@ class ReportService:
         self._policy_state()  # the recommendations diff against the set in force
         ids = [a.spiffe_id for a in agents]
         wanted = set(ids)
+        every_row = await self._storage.audit_usage(since=window.since, until=window.until)
+        # The agents of the allowed calls' tasks, in one read (whenever those tasks were
+        # created): a delegate's call on another agent's task is that agent's use too.
+        task_agents = await self._storage.task_agents(
+            sorted(
+                {
+                    r.task
+                    for r in every_row
+                    if r.decision == "allow" and r.task is not None and r.agent is not None
+                }
+            )
+        )
         rows = [
             r
-            for r in await self._storage.audit_usage(since=window.since, until=window.until)
-            if everyone or r.agent in wanted
+            for r in every_row
+            if everyone
+            or r.agent in wanted
+            or (r.decision == "allow" and task_agents.get(r.task or "") in wanted)
         ]
         timeline = await self._storage.audit_timeline(
             since=window.since, until=window.until, agents=None if everyone else ids
@@ -233,6 +272,7 @@ class ReportService:
             policy_files={f.name: f.text for f in self._policy.sources},
             environment=self._settings.policy.environment,
             thresholds=self.thresholds,
+            task_agents=task_agents,
         )
         report["tasks_truncated"] = truncated
         if truncated:
@@ -326,8 +366,29 @@ class ReportService:
             raise NotFound(f"no agent {spiffe_id!r} is registered")
         return found
 
+    async def _active_exceptions(self, agent_id: str, now: datetime) -> dict[str, BreakGlass]:
+        """The break-glass exceptions of ``agent_id`` active at ``now``, by id (as the
+        broker loads them for a grant or an exchange)."""
+        found = await self._storage.list_breakglass(
+            now=now, state="active", agent_id=agent_id, limit=_BREAKGLASS_PAGE
+        )
+        return {bg.id: bg for bg in found}
+
+    @staticmethod
+    def _relying(ref: ActionRef, bg: BreakGlass | None, week: tuple[datetime, ...]) -> Candidate:
+        # A grant relying on an exception lives no longer than the exception.
+        if bg is None:
+            return Candidate(ref)
+        end = bg.ended_at_or_expiry()
+        return Candidate(ref, bg.id, tuple(w for w in week if w < end))
+
     async def _subject(
-        self, agent: str | None, task: str | None, credential: str | None, tools: dict[str, Tool]
+        self,
+        agent: str | None,
+        task: str | None,
+        credential: str | None,
+        tools: dict[str, Tool],
+        now: datetime,
     ) -> _Subject:
         given = [
             (k, v)
@@ -337,7 +398,7 @@ class ReportService:
         if len(given) != 1:
             raise InvalidRequest("name exactly one of agent, task or credential")
         kind, ident = given[0]
-        now = self._clock.now()
+        week = reference_week(now)
         if kind == "agent":
             a = await self._agent(ident)
             facts = TaskFacts(
@@ -348,9 +409,18 @@ class ReportService:
                 PERMISSIVE_CONSTRAINTS,
                 "active",
             )
+            # The ceiling, and what an active break-glass exception adds beyond it.
+            active = await self._active_exceptions(a.spiffe_id, now)
+            _, added = effective_ceiling(a, active.values(), now)
+            candidates = [Candidate(r) for r in granted_actions(a, tools)]
+            for scope, bg_id in sorted(added.items()):
+                tool = tools.get(scope.tool)
+                for act in tool.actions_of(scope.tier) if tool is not None else ():
+                    ref = ActionRef(scope.tool, scope.tier.value, act.name)
+                    candidates.append(self._relying(ref, active[bg_id], week))
             return _Subject(
-                kind, ident, a, a, a.owner_id, facts, tuple(granted_actions(a, tools)),
-                0, False, None, (a.spiffe_id,),
+                kind, ident, a, a, a.owner_id, facts, tuple(candidates),
+                0, None, (a.spiffe_id,), week,
             )  # fmt: skip
         if kind == "task":
             t = await self._storage.get_task(ident)
@@ -358,18 +428,26 @@ class ReportService:
                 raise NotFound(f"no task {ident!r}")
             a = await self._agent(t.agent_id)
             live = t.state_at(now) is TaskState.ACTIVE
-            refs = (
-                tuple(
-                    ActionRef(g.tool, g.tier.value, name) for g in t.granted for name in g.actions
-                )
-                if live
-                else ()
-            )
+            week = tuple(w for w in week if w < t.expires_at)
+            # Per scope, the exception a refresh would rely on now (as the broker's regrant
+            # decides), else the one it was granted under.
+            active = await self._active_exceptions(a.spiffe_id, now) if live else {}
+            cands: list[Candidate] = []
+            for g in t.granted if live else ():
+                scope = Scope(g.tool, g.tier)
+                bg = relied_on(a, scope, active.values(), now)
+                for name in g.actions:
+                    ref = ActionRef(g.tool, g.tier.value, name)
+                    if bg is not None:
+                        cands.append(self._relying(ref, bg, week))
+                    elif g.exception is not None and scope not in a.ceiling:
+                        cands.append(Candidate(ref, g.exception))
+                    else:
+                        cands.append(Candidate(ref))
             facts = TaskFacts(t.id, t.agent_id, t.owner_id, t.purpose, t.constraints, "active")
-            exception = any(g.exception is not None for g in t.granted)
             return _Subject(
-                kind, ident, a, a, t.owner_id, facts, refs, 0, exception, t.may_act,
-                (a.spiffe_id,),
+                kind, ident, a, a, t.owner_id, facts, tuple(cands), 0, t.may_act,
+                (a.spiffe_id,), week,
             )  # fmt: skip
         c = await self._storage.get_credential(ident)
         if c is None:
@@ -389,11 +467,17 @@ class ReportService:
             chain.append(found.agent_id)
             parent = found.parent_jti
         live = c.live_at(now) and t.state_at(now) is TaskState.ACTIVE
-        refs = tuple(ActionRef(c.tool, c.tier.value, name) for name in c.actions) if live else ()
+        # The credential carries the exception it relies on, and dies with it.
+        refs = (
+            tuple(Candidate(ActionRef(c.tool, c.tier.value, n), c.exception_id) for n in c.actions)
+            if live
+            else ()
+        )
         facts = TaskFacts(t.id, t.agent_id, t.owner_id, t.purpose, t.constraints, "active")
+        end = min(c.expires_at, t.expires_at)
         return _Subject(
             kind, ident, holder, task_agent, t.owner_id, facts, refs, depth,
-            c.exception_id is not None, t.may_act, tuple(dict.fromkeys(chain)),
+            t.may_act, tuple(dict.fromkeys(chain)), tuple(w for w in week if w < end),
         )  # fmt: skip
 
     async def blast_radius(
@@ -402,13 +486,14 @@ class ReportService:
         task: str | None = None,
         credential: str | None = None,
     ) -> dict[str, Any]:
-        """Everything the subject can be granted now, directly and through one delegation
-        hop, from the registry and the policy set in force (never from the logs)."""
+        """Everything the subject can be granted now or at any hour of the coming week,
+        directly and through one delegation hop, with its active break-glass exceptions,
+        from the registry and the policy set in force (never from the logs)."""
         tools = {t.id: t for t in await self._storage.list_tools()}
-        subject = await self._subject(agent, task, credential, tools)
+        now = self._clock.now()
+        subject = await self._subject(agent, task, credential, tools, now)
         state = self._policy_state()
         compiled = state.compiled
-        now = self._clock.now()
         env = self._settings.policy.environment
         owners = {o.id: o for o in await self._storage.list_owners()}
         owner = owners.get(subject.owner_id)
@@ -433,13 +518,9 @@ class ReportService:
                 task=subject.facts,
                 tools=tools,
                 candidates=subject.candidates,
-                situation=Situation(
-                    now=now,
-                    environment=env,
-                    delegation_depth=subject.depth,
-                    exception_active=subject.exception_active,
-                ),
+                situation=Situation(now=now, environment=env, delegation_depth=subject.depth),
                 others=others,
+                instants=subject.week,
             )
             for r in direct:
                 reach_out.append(self._entry(r, (principal.spiffe_id,)))
@@ -455,9 +536,22 @@ class ReportService:
                         or (subject.may_act is not None and d.spiffe_id != subject.may_act)
                     ):
                         continue
-                    mine = [
-                        r.ref for r in direct if Scope(r.ref.tool, Tier(r.ref.tier)) in d.ceiling
-                    ]
+                    # Its ceiling, or its own active exception (as the exchange decides); a
+                    # child inherits the exception its parent relies on, and is asked only
+                    # at the hours the parent is reached.
+                    d_active = await self._active_exceptions(d.spiffe_id, now)
+                    mine = []
+                    for r in direct:
+                        scope = Scope(r.ref.tool, Tier(r.ref.tier))
+                        own = relied_on(d, scope, d_active.values(), now)
+                        if own is None and scope not in d.ceiling:
+                            continue
+                        hours = r.allowed_at
+                        if own is not None:
+                            end = own.ended_at_or_expiry()
+                            hours = tuple(w for w in hours if w < end)
+                        exception = own.id if own is not None else r.exception
+                        mine.append(Candidate(r.ref, exception, hours))
                     if not mine:
                         continue
                     through = reach(
@@ -468,15 +562,11 @@ class ReportService:
                         task=subject.facts,
                         tools=tools,
                         candidates=mine,
-                        situation=Situation(
-                            now=now,
-                            environment=env,
-                            delegation_depth=depth,
-                            exception_active=subject.exception_active,
-                        ),
+                        situation=Situation(now=now, environment=env, delegation_depth=depth),
                         others=tuple(
                             {a.spiffe_id: a for a in (principal, subject.task_agent)}.values()
                         ),
+                        instants=subject.week,
                     )
                     for r in through:
                         reach_out.append(self._entry(r, (principal.spiffe_id, d.spiffe_id)))
@@ -502,6 +592,7 @@ class ReportService:
                 "direct": sum(1 for e in reach_out if len(e["via"]) == 1),
                 "through_delegation": sum(1 for e in reach_out if len(e["via"]) > 1),
                 "admin_tier": sum(1 for a in actions if a[1] == Tier.ADMIN.value),
+                "via_exception": sum(1 for e in reach_out if e["exception"] is not None),
             },
         }
 
@@ -513,6 +604,9 @@ class ReportService:
             "policies": list(r.policies),
             "requires_approval": r.requires_approval,
             "risk": r.risk,
+            "exception": r.exception,
+            "reachable_now": r.reachable_now,
+            "always": r.always,
         }
 
     # --- alignment -------------------------------------------------------------------------

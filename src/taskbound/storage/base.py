@@ -179,6 +179,13 @@ class TaskStore(Protocol):
     async def get_task(self, task_id: str) -> Task | None: ...
     async def list_tasks(self, flt: TaskFilter) -> list[Task]: ...
 
+    async def task_agents(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Each known task of ``task_ids`` mapped to its agent (the task's own agent, never
+        a delegate's), in one bulk read however many ids (split into statements the
+        backend's parameter limit allows). Unknown ids, and ids no task can have (a NUL),
+        are left out; duplicates are read once."""
+        ...
+
     async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
         """Record a fresh credential only if its task is ACTIVE and not past ``expires_at``
         at ``now`` (checked in the same statement/transaction). False when it is not."""

@@ -457,6 +457,14 @@ class MemoryStorage:
         )
         return _decoded(self._tasks, rows[: flt.limit], codec.task_from)
 
+    async def task_agents(self, task_ids: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for task_id in task_ids:
+            row = None if task_id in out else self._tasks.get(task_id)
+            if row is not None:
+                out[task_id] = row["agent_id"]
+        return out
+
     async def add_credential(self, credential: CredentialRecord, now: datetime) -> bool:
         row = self._credentials.encode(codec.credential_row(credential))
         now = codec.utc(now)

@@ -103,8 +103,8 @@ AUDIT_LOCK_TIMEOUT_MS = 5_000
 POSTGRES_CONNECT_TIMEOUT_S = 10
 
 _BEGIN_OPTION = "taskbound_sqlite_begin"
-# Above this many tasks per statement the credential revocation of expire_tasks is split,
-# keeping well under SQLite's bound-parameter limit.
+# Above this many tasks per statement the credential revocation of expire_tasks (and the
+# bulk read task_agents) is split, keeping well under SQLite's bound-parameter limit.
 _ID_CHUNK = 500
 
 _ACTIVE = TaskState.ACTIVE.value
@@ -729,6 +729,20 @@ class SqlStorage:
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [codec.task_from(r) for r in rows]
+
+    async def task_agents(self, task_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(dict.fromkeys(i for i in task_ids if not codec.has_nul(i)))
+        out: dict[str, str] = {}
+        if not ids:
+            return out
+        c = t.tasks.c
+        async with self._transaction() as conn:
+            # Chunked: one IN list per statement stays under SQLite's parameter limit.
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start : start + _ID_CHUNK]
+                query = select(c.id, c.agent_id).where(c.id.in_(chunk))
+                out.update((str(i), str(a)) for i, a in (await conn.execute(query)).all())
+        return out
 
     @staticmethod
     def _insert_while_task_live(credential: CredentialRecord, now: datetime) -> Insert:
