@@ -70,7 +70,12 @@ def test_a_well_configured_deployment_meets_every_control() -> None:
     assert report["summary"] == {"met": len(CONTROLS), "partly_met": 0, "not_met": 0}
     by = report["by_framework"]
     assert list(by["owasp_asi"]) == list(OWASP_ASI)
-    assert set(by["owasp_asi"].values()) == {"met"}  # every ASI entry has a control
+    # A gateway limits what a hijacked or poisoned agent can reach; it does not prevent
+    # code execution (ASI05) or memory poisoning (ASI06): those are not claimed.
+    assert by["owasp_asi"]["ASI05"] == by["owasp_asi"]["ASI06"] == "not_covered"
+    assert {k: v for k, v in by["owasp_asi"].items() if k not in ("ASI05", "ASI06")} == {
+        k: "met" for k in OWASP_ASI if k not in ("ASI05", "ASI06")
+    }
     assert list(by["maestro"]) == list(MAESTRO_LAYERS)
     assert by["maestro"]["L1 Foundation models"] == "not_covered"
     assert by["maestro"]["L2 Data operations"] == "not_covered"

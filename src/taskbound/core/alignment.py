@@ -343,7 +343,9 @@ CONTROLS: Final[tuple[Control, ...]] = (
     Control(
         "per_call_policy",
         "Every tool call checked against Cedar policy at the gateway",
-        ("ASI01", "ASI02", "ASI05", "ASI06", "ASI10"),
+        # Not ASI05 (code execution) or ASI06 (memory/context poisoning): a gateway limits
+        # what such an agent can then reach, it does not prevent either — not covered.
+        ("ASI01", "ASI02", "ASI10"),
         (_L3, _L6),
         ("GOVERN", "MANAGE"),
         _per_call_policy,
