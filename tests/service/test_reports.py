@@ -985,3 +985,48 @@ async def test_alignment_flips_with_the_settings(
     reports = ReportService(published, services.storage, clock, services.policy, services.audit)
     status = {c["id"]: c["status"] for c in (await reports.alignment())["controls"]}
     assert status["tamper_evident_audit"] == "met"
+
+
+async def test_reports_compute_off_the_loop_and_a_few_at_a_time(
+    deployment: tuple[Services, FakeClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway serves on the same loop: a report's computation runs in a worker
+    thread (the loop keeps ticking meanwhile), and at most REPORTS_AT_ONCE run together."""
+    import asyncio
+    import threading
+    import time
+
+    from taskbound.service import reports as reports_module
+
+    services, _ = deployment
+    real = reports_module.usage_report
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def slow(**kwargs: Any) -> dict[str, Any]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.2)  # a heavy computation, in its thread
+        with lock:
+            running -= 1
+        return real(**kwargs)
+
+    monkeypatch.setattr(reports_module, "usage_report", slow)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beat = asyncio.create_task(ticker())
+    try:
+        done = await asyncio.gather(*(services.reports.usage(SINCE, UNTIL) for _ in range(4)))
+    finally:
+        beat.cancel()
+    assert all(r["kind"] == "usage" for r in done)
+    assert most == reports_module.REPORTS_AT_ONCE
+    assert ticks >= 20  # ~0.4 s of computing, the loop free all along

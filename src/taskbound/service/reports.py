@@ -92,10 +92,12 @@ good". An empty window is a report with zero counts and ``"empty": true``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from taskbound.config import Settings
 from taskbound.core.alignment import Evidence
@@ -141,6 +143,10 @@ from taskbound.storage.base import Storage
 _BREAKGLASS_PAGE = 10_000
 # The longest window one report may scan (a year and a bit): bounded work per request.
 MAX_WINDOW = timedelta(days=400)
+# Reports computed at once by one process; more wait their turn.
+REPORTS_AT_ONCE = 2
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +163,17 @@ class _Subject:
     chain: tuple[str, ...]
     # The subject's reference week: now and each hour of the next 7 days, cut at its end.
     week: tuple[datetime, ...]
+
+
+def _limited(method: F) -> F:
+    """A public report method, run under the service's limit of reports at once."""
+
+    @functools.wraps(method)
+    async def limited(self: ReportService, *args: Any, **kwargs: Any) -> Any:
+        async with self._running:
+            return await method(self, *args, **kwargs)
+
+    return cast(F, limited)
 
 
 class ReportService:
@@ -176,6 +193,9 @@ class ReportService:
         self._clock = clock
         self._policy = policy
         self._audit = audit
+        # A report is heavy (seconds at a million records) and the gateway serves on the
+        # same loop: its computations run in worker threads, and at most this many at once.
+        self._running = asyncio.Semaphore(REPORTS_AT_ONCE)
 
     # --- shared ----------------------------------------------------------------------------
 
@@ -261,7 +281,8 @@ class ReportService:
         # Never silently: a window with more tasks than the cap says so in the report.
         truncated = len(found) > cap
         tasks = [t for t in found[:cap] if t.agent_id in wanted]
-        report = usage_report(
+        report = await asyncio.to_thread(
+            usage_report,
             window=window,
             now=self._clock.now(),
             agents=agents,
@@ -281,6 +302,7 @@ class ReportService:
 
     # --- usage -----------------------------------------------------------------------------
 
+    @_limited
     async def usage(
         self,
         since: datetime,
@@ -318,6 +340,7 @@ class ReportService:
             static_secret_tools=static_secret_tools,
         )
 
+    @_limited
     async def posture(self, since: datetime, until: datetime) -> dict[str, Any]:
         """The findings of the window and of the live registry and settings."""
         window = self.window(since, until)
@@ -333,7 +356,8 @@ class ReportService:
                 now=now, state=state, limit=_BREAKGLASS_PAGE
             ):
                 exceptions[bg.id] = bg
-        found = findings(
+        found = await asyncio.to_thread(
+            findings,
             usage=usage,
             now=now,
             agents=agents,
@@ -480,6 +504,7 @@ class ReportService:
             t.may_act, tuple(dict.fromkeys(chain)), tuple(w for w in week if w < end),
         )  # fmt: skip
 
+    @_limited
     async def blast_radius(
         self,
         agent: str | None = None,
@@ -510,7 +535,8 @@ class ReportService:
         principal_owner = standing(principal)
         if owner is not None and not owner.disabled and principal_owner is not None:
             others = () if subject.task_agent is principal else (subject.task_agent,)
-            direct = reach(
+            direct = await asyncio.to_thread(
+                reach,
                 compiled,
                 state.base,
                 agent=principal,
@@ -554,7 +580,8 @@ class ReportService:
                         mine.append(Candidate(r.ref, exception, hours))
                     if not mine:
                         continue
-                    through = reach(
+                    through = await asyncio.to_thread(
+                        reach,
                         compiled,
                         state.base,
                         agent=d,
@@ -710,6 +737,7 @@ class ReportService:
             delegation_max_depth=s.delegation.max_depth,
         )
 
+    @_limited
     async def alignment(
         self, *, evidence: Evidence | None = None, audit_report: AuditReport | None = None
     ) -> dict[str, Any]:
