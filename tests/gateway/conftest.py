@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,9 +215,13 @@ async def world(tmp_path: Path, clock: FakeClock) -> AsyncIterator[World]:
 
 
 async def open_world(
-    tmp_path: Path, clock: FakeClock, **sections: dict[str, Any]
+    tmp_path: Path,
+    clock: FakeClock,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    **sections: dict[str, Any],
 ) -> AsyncIterator[World]:
-    """The upstreams (HTTP echo, MCP tracker) and a live server with their registry."""
+    """The upstreams (HTTP echo, MCP tracker) and a live server with their registry
+    (changed by ``edit`` before it is applied, when given)."""
     echo = Echo(f"http://127.0.0.1:{free_port()}")
     calls: list[dict[str, Any]] = []
     mcp_port = free_port()
@@ -229,6 +233,8 @@ async def open_world(
     try:
         async for live in start_live(settings, clock, registry=False):
             doc = registry(echo.base, f"http://127.0.0.1:{mcp_port}/mcp", live.base)
+            if edit is not None:
+                edit(doc)
             r = await live.http.post("/v1/admin/apply", json=doc, headers=live.admin)
             assert r.status_code == 200, r.text
             yield World(live, echo, calls)

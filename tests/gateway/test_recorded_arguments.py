@@ -18,9 +18,9 @@ from taskbound.core.clock import FakeClock
 from taskbound.core.model import AuditEvent
 from taskbound.core.redact import REDACTED
 from taskbound.service.audit_chain import ocsf
-from tests.api.conftest import Agent, make_settings, start_live
+from tests.api.conftest import Agent
 
-from .conftest import Echo, World, call_headers, echo_app, free_port, mcp_server, registry, serve
+from .conftest import World, call_headers, open_world
 
 MCP = "/tracker"
 ISSUES = "/issues/repos/acme/web/issues"
@@ -31,30 +31,18 @@ async def recording_world(
     tmp_path: Path, clock: FakeClock, **recording: Any
 ) -> AsyncIterator[World]:
     """The gateway world of conftest.py, with ``[audit]`` set to ``recording``."""
-    echo = Echo(f"http://127.0.0.1:{free_port()}")
-    calls: list[dict[str, Any]] = []
-    mcp_port = free_port()
-    servers = [
-        await serve(echo_app(echo), int(echo.base.rsplit(":", 1)[1])),
-        await serve(mcp_server(calls).streamable_http_app(stateless_http=True), mcp_port),
-    ]
-    live_gen = start_live(make_settings(tmp_path, audit=recording), clock, registry=False)
-    try:
-        live = await live_gen.__anext__()
-        doc = registry(echo.base, f"http://127.0.0.1:{mcp_port}/mcp", live.base)
+
+    def declare(doc: dict[str, Any]) -> None:
         # search declares the arguments these tests send (undeclared ones are refused).
         (tracker,) = [tool for tool in doc["tools"] if tool["id"] == "tracker"]
         (search,) = [a for a in tracker["actions"] if a["name"] == "search"]
         search["input_schema"]["properties"].update(SEARCH_SCHEMA)
-        r = await live.http.post("/v1/admin/apply", json=doc, headers=live.admin)
-        assert r.status_code == 200, r.text
-        yield World(live, echo, calls)
+
+    worlds = open_world(tmp_path, clock, declare, audit=recording)
+    try:
+        yield await worlds.__anext__()
     finally:
-        await live_gen.aclose()
-        for server, task in servers:
-            server.should_exit = True
-            with contextlib.suppress(Exception):
-                await task
+        await worlds.aclose()
 
 
 async def call_tool(world: World, agent: Agent, token: str, name: str, arguments: Any) -> Any:
