@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import secrets
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -101,7 +104,10 @@ async def load(n: int, concurrency: int, send: Any) -> tuple[list[float], float]
     return latencies, time.perf_counter() - start
 
 
-async def end_to_end(requests: int) -> None:
+@contextlib.asynccontextmanager
+async def served() -> AsyncIterator[tuple[str, str, dict[str, str]]]:
+    """A real upstream and `taskbound serve`, each its own process on loopback, on a fresh
+    data directory: (the server's base URL, the upstream's, an admin token's headers)."""
     tmp = Path(tempfile.mkdtemp())
     up_port, gw_port = free_port(), free_port()
     env = {
@@ -126,10 +132,17 @@ async def end_to_end(requests: int) -> None:
         init = await asyncio.create_subprocess_exec(
             str(exe), "admin", "init", "--json", env=env, stdout=asyncio.subprocess.PIPE
         )
-        token = (await init.communicate())[0].decode()
-        import json
+        token = json.loads((await init.communicate())[0])["token"]
+        yield base, upstream, {"Authorization": f"Bearer {token}"}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
 
-        admin = {"Authorization": "Bearer " + json.loads(token)["token"]}
+
+async def end_to_end(requests: int) -> None:
+    async with served() as (base, upstream, admin):
         agent = "spiffe://taskbound.local/agents/bench"
         doc = {
             "owners": [{"id": "alice", "contact": "a@example.com"}],
@@ -215,10 +228,6 @@ async def end_to_end(requests: int) -> None:
                 added_99 = pct(g_lat, 99) - pct(d_lat, 99)
                 added = f"p50 {added_50:.2f} ms, p99 {added_99:.2f} ms"
                 print(f"  concurrency {conc:3}: the gateway adds {added}")
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
 
 
 async def in_process(n: int) -> None:

@@ -18,25 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import secrets
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
 
-from gateway import UPSTREAM, bench_policies, free_port, wait_http
+from gateway import served
 from taskbound.core.dpop import make_dpop_proof
 from taskbound.core.keys import PrivateKey, generate_key
-from taskbound.core.secretbox import generate_kek
 from taskbound.sdk import Client, StaticToken
 
 AGENT = "spiffe://taskbound.local/agents/bench"
@@ -77,30 +70,7 @@ def _line(label: str, values: list[float]) -> float:
 
 
 async def run(requests: int, tasks: int) -> None:
-    tmp = Path(tempfile.mkdtemp())
-    up_port, gw_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "TASKBOUND_SERVER__PORT": str(gw_port),
-        "TASKBOUND_STORAGE__DATA_DIR": str(tmp / "data"),
-        "TASKBOUND_KEYS__KEK": generate_kek(),
-        "TASKBOUND_LOGGING__LEVEL": "error",
-        "TASKBOUND_POLICY__WATCH": "false",
-        "TASKBOUND_POLICY__DIR": str(bench_policies(tmp)),
-    }
-    exe = Path(sys.executable).with_name("taskbound")
-    procs = [
-        subprocess.Popen([sys.executable, "-c", UPSTREAM % up_port]),  # noqa: S603, ASYNC220
-        subprocess.Popen([str(exe), "serve"], env=env),  # noqa: S603, ASYNC220
-    ]
-    try:
-        base, upstream = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{up_port}"
-        await wait_http(upstream + "/")
-        await wait_http(base + "/healthz")
-        init = await asyncio.create_subprocess_exec(
-            str(exe), "admin", "init", "--json", env=env, stdout=asyncio.subprocess.PIPE
-        )
-        admin = {"Authorization": "Bearer " + json.loads((await init.communicate())[0])["token"]}
+    async with served() as (base, upstream, admin):
         doc = {
             "owners": [{"id": "alice", "contact": "a@example.com"}],
             "tools": [
@@ -193,11 +163,6 @@ async def run(requests: int, tasks: int) -> None:
                 sdk_lives = _line("SDK: async with client.task(...)", await _timed(tasks, sdk_life))
         print(f"ratio SDK / raw (tool call, p50):  {sdk_calls / raw_calls:.2f}x")
         print(f"ratio SDK / raw (task life, p50):  {sdk_lives / raw_lives:.2f}x")
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
 
 
 def main() -> None:

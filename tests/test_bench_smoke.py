@@ -33,3 +33,29 @@ def test_gateway_benchmark_runs() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     for line in ("ratio full / parts", "raw limit: one bare durable SQLite commit", "gateway adds"):
         assert line in result.stdout
+
+
+def test_sdk_benchmark_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sdk.py"), "--requests", "20", "--tasks", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("ratio SDK / raw (tool call, p50)", "ratio SDK / raw (task life, p50)"):
+        assert line in result.stdout
+
+
+def test_report_benchmark_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "report.py"), "--records", "2000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("raw agg s", "growth 200 -> 2,000 records", "report time for 2,000 records"):
+        assert line in result.stdout
