@@ -37,7 +37,7 @@ from taskbound.cli.common import (
     print_json,
 )
 from taskbound.errors import InvalidRequest
-from taskbound.service.report_html import render_report
+from taskbound.service.report_html import percent, render_report, when_text
 from taskbound.service.report_request import parse_time
 
 report_app = typer.Typer(
@@ -137,38 +137,23 @@ def _emit(data: dict[str, Any], as_json: bool, html: Path | None, show: Any) -> 
 # --- shared pieces ---------------------------------------------------------------------
 
 
-def _when(value: Any) -> str:
-    try:
-        when = datetime.fromisoformat(str(value))
-    except ValueError:
-        return str(value or "")
-    if when.tzinfo is None:
-        return str(value)
-    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _pct(value: Any) -> str:
-    share = float(value) * 100
-    return f"{share:.0f}%" if abs(share - round(share)) < 0.05 else f"{share:.1f}%"
-
-
 def _head(title: str, data: Mapping[str, Any]) -> None:
     parts = [f"[bold]{escape(title)}[/]"]
     window = data.get("window")
     if window:
-        parts.append(f"{_when(window['since'])} → {_when(window['until'])}")
+        parts.append(f"{when_text(window['since'])} → {when_text(window['until'])}")
     subject = data.get("subject")
     if subject:
         parts.append(f"{escape(str(subject['type']))} {escape(str(subject['id']))}")
     if data.get("policy_version"):
         parts.append(f"policy {escape(str(data['policy_version']))}")
-    parts.append(f"[dim]generated {_when(data.get('generated_at'))}[/]")
+    parts.append(f"[dim]generated {when_text(data.get('generated_at'))}[/]")
     console.print("  ·  ".join(parts), soft_wrap=True)
     if data.get("empty"):
         console.print(
             "[bold yellow]no data in this window[/]: nothing was recorded between "
-            f"{_when(window['since'] if window else '')} and "
-            f"{_when(window['until'] if window else '')} — an absence of evidence, not a "
+            f"{when_text(window['since'] if window else '')} and "
+            f"{when_text(window['until'] if window else '')} — an absence of evidence, not a "
             "clean bill of health.",
             soft_wrap=True,
         )
@@ -209,7 +194,7 @@ def _show_usage(data: dict[str, Any]) -> None:
     console.print(
         f"{t['agents']} agent(s), [bold]{t['over_granted_agents']}[/] over-granted · "
         f"{t['used_count']} of {t['granted_count']} granted actions used · "
-        f"[bold]{_pct(t['unused_share'])}[/] of authority never used · "
+        f"[bold]{percent(t['unused_share'])}[/] of authority never used · "
         f"{t['calls']} call(s), {t['denied_calls']} denied · {t['tasks']} task(s)",
         soft_wrap=True,
     )
@@ -221,7 +206,7 @@ def _show_usage(data: dict[str, Any]) -> None:
             "never used", "tasks", "calls", "denied",
         )  # fmt: skip
         for a in agents:
-            share = _pct(a["unused_share"])
+            share = percent(a["unused_share"])
             table.add_row(
                 escape(str(a["agent"])),
                 escape(str(a.get("owner") or "—")),
@@ -280,7 +265,7 @@ def _show_usage(data: dict[str, Any]) -> None:
                 str(o["agents"]),
                 str(o["granted_count"]),
                 str(o["used_count"]),
-                _pct(o["unused_share"]),
+                percent(o["unused_share"]),
             )
         console.print(table)
 

@@ -119,7 +119,7 @@ def percent(value: Any) -> str:
     return f"{share:.0f}%" if abs(share - round(share)) < 0.05 else f"{share:.1f}%"
 
 
-def _when(value: Any) -> str:
+def when_text(value: Any) -> str:
     """An RFC 3339 time as ``YYYY-MM-DD HH:MM UTC``; anything else as it is."""
     try:
         when = datetime.fromisoformat(str(value))
@@ -299,7 +299,7 @@ def install(env: Environment) -> None:
     """The filters and constants the report templates use, on ``env``."""
     env.filters["n"] = _n
     env.filters["pct"] = percent
-    env.filters["when"] = _when
+    env.filters["when"] = when_text
     env.filters["label"] = lambda v: LABELS.get(str(v), str(v).replace("_", " "))
     env.globals["MARKS"] = MARKS
     env.globals["FRAMEWORKS"] = FRAMEWORKS
